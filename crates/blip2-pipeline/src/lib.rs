@@ -1,1 +1,36 @@
-//! placeholder
+//! BLIP-2 end to end: load a published checkpoint, caption images, answer prompts.
+//!
+//! ```no_run
+//! use blip2_pipeline::{Blip2, LoadOptions};
+//! use blip2_image::{load_image, LoadOptions as ImageOptions};
+//!
+//! let blip2 = Blip2::from_pretrained("Salesforce/blip2-opt-2.7b", &LoadOptions::default())?;
+//! let image = load_image("photo.jpg", &ImageOptions::default())?;
+//! let caption = blip2.caption(&image, None, &blip2.default_generation_options())?;
+//! println!("{}", caption.text);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! Checkpoints are read from the layout transformers publishes: `config.json`,
+//! `model.safetensors` or shards with `model.safetensors.index.json`,
+//! `tokenizer.json`, `preprocessor_config.json` or `processor_config.json`, and
+//! optionally `generation_config.json` and `tokenizer_config.json`. Only safetensors
+//! weights are loaded, never pickles.
+
+#![warn(missing_docs)]
+
+pub mod checkpoint;
+mod config;
+mod error;
+pub mod hub;
+mod model;
+mod pipeline;
+mod tokenizer;
+
+pub use blip2_lm::generation::{EarlyStopping, GenerationConfig, GenerationOptions};
+pub use checkpoint::CheckpointFiles;
+pub use config::Blip2Config;
+pub use error::{Error, Result};
+pub use model::{Blip2Model, ImageFeatures};
+pub use pipeline::{Blip2, Caption, DEFAULT_MAX_NEW_TOKENS, LoadOptions, parse_dtype};
+pub use tokenizer::TextTokenizer;

@@ -1,0 +1,115 @@
+use std::path::PathBuf;
+
+/// Everything that can go wrong loading a checkpoint or running the pipeline.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A file the checkpoint needs is not in its directory.
+    #[error("{path} not found: {what}")]
+    MissingFile {
+        /// The path that was looked for.
+        path: PathBuf,
+        /// What the file is and how to get it.
+        what: String,
+    },
+
+    /// The checkpoint has PyTorch pickle weights only.
+    #[error(
+        "{dir} has only PyTorch pickle weights ({file}); they are not loaded because unpickling can run \
+         arbitrary code. Convert them to safetensors once, for example with Python: \
+         `from transformers import Blip2ForConditionalGeneration as M; M.from_pretrained(DIR).save_pretrained(DIR)` \
+         (transformers writes model.safetensors by default)"
+    )]
+    PickleOnly {
+        /// The checkpoint directory.
+        dir: PathBuf,
+        /// The pickle file found.
+        file: String,
+    },
+
+    /// A file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+
+    /// A JSON file is malformed or a field has the wrong type.
+    #[error("invalid {path}: {message}")]
+    InvalidJson {
+        /// The file.
+        path: PathBuf,
+        /// Where and what (serde's message, with the field path).
+        message: String,
+    },
+
+    /// A config value the model cannot be built from.
+    #[error("invalid {path}: {source}")]
+    InvalidConfig {
+        /// The config file.
+        path: PathBuf,
+        /// The field and the reason.
+        source: blip2_nn::ConfigError,
+    },
+
+    /// The checkpoint describes a model this crate does not implement.
+    #[error("unsupported model in {path}: {message}")]
+    Unsupported {
+        /// The config file.
+        path: PathBuf,
+        /// What is unsupported and what is.
+        message: String,
+    },
+
+    /// A weight is missing, has the wrong shape or cannot be read.
+    #[error("cannot load weights from {dir}: {source}")]
+    Weights {
+        /// The checkpoint directory.
+        dir: PathBuf,
+        /// candle's error, which names the tensor.
+        source: candle_core::Error,
+    },
+
+    /// The tokenizer file cannot be used.
+    #[error("cannot load tokenizer {path}: {message}")]
+    Tokenizer {
+        /// The tokenizer file.
+        path: PathBuf,
+        /// The tokenizers library's message.
+        message: String,
+    },
+
+    /// Text could not be encoded or decoded.
+    #[error("tokenizer failed on {input:?}: {message}")]
+    Tokenize {
+        /// The text (or a description of the ids).
+        input: String,
+        /// The tokenizers library's message.
+        message: String,
+    },
+
+    /// An image could not be loaded or preprocessed.
+    #[error(transparent)]
+    Image(#[from] blip2_image::ImageError),
+
+    /// The image processor settings are invalid.
+    #[error(transparent)]
+    ImageConfig(#[from] blip2_image::ConfigError),
+
+    /// A request's settings are invalid (decoding options, prompt too long, ...).
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+
+    /// The checkpoint could not be fetched from the Hugging Face hub.
+    #[error("{0}")]
+    Hub(String),
+
+    /// A tensor operation failed while running the model.
+    #[error("model computation failed: {0}")]
+    Compute(#[from] candle_core::Error),
+}
+
+/// Results of this crate.
+pub type Result<T> = std::result::Result<T, Error>;

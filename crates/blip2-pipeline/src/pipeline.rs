@@ -1,0 +1,319 @@
+//! The high-level API: load a checkpoint once, then caption images or answer prompts.
+
+use std::path::Path;
+
+use blip2_image::{ImageProcessorConfig, PixelValues, RgbImage};
+use blip2_lm::generation::{self, GenerationConfig, GenerationOptions, PromptInput};
+use candle_core::{DType, Device, Tensor};
+
+use crate::checkpoint::CheckpointFiles;
+use crate::model::{Blip2Model, ImageFeatures};
+use crate::tokenizer::TextTokenizer;
+use crate::{Blip2Config, Error, Result};
+
+/// Captions get at most this many new tokens unless the checkpoint's
+/// `generation_config.json` or the caller says otherwise (LAVIS uses 30 for captions).
+pub const DEFAULT_MAX_NEW_TOKENS: usize = 30;
+
+/// How to load a checkpoint.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Dtype of the vision encoder and the language model (`f32`, `bf16` or `f16`);
+    /// the Q-Former always runs in `f32`.
+    pub dtype: DType,
+    /// Where the weights live.
+    pub device: Device,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            dtype: DType::F32,
+            device: Device::Cpu,
+        }
+    }
+}
+
+/// Parses `f32`, `bf16` or `f16`.
+pub fn parse_dtype(name: &str) -> Result<DType> {
+    match name {
+        "f32" | "float32" => Ok(DType::F32),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        "f16" | "float16" => Ok(DType::F16),
+        other => Err(Error::InvalidRequest(format!(
+            "unknown dtype {other:?}; expected f32, bf16 or f16"
+        ))),
+    }
+}
+
+/// One generated text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Caption {
+    /// The decoded text, special tokens removed and surrounding whitespace trimmed
+    /// (the BLIP-2 OPT checkpoints end captions with a newline token).
+    pub text: String,
+    /// The generated token ids, including the end-of-sequence token when one ended it.
+    pub token_ids: Vec<u32>,
+    /// Whether an end-of-sequence token ended the text (rather than the length limit).
+    pub ended_with_eos: bool,
+    /// Beam search score (length-normalised log-probability), when beams were used.
+    pub score: Option<f32>,
+}
+
+/// A loaded BLIP-2 checkpoint with its tokenizer and processor settings.
+#[derive(Debug)]
+pub struct Blip2 {
+    model: Blip2Model,
+    tokenizer: TextTokenizer,
+    image_config: ImageProcessorConfig,
+    generation_config: GenerationConfig,
+    files: CheckpointFiles,
+    device: Device,
+}
+
+impl Blip2 {
+    /// Loads a checkpoint from a local directory or, for an `owner/name` id that is not
+    /// a directory, from the Hugging Face hub (see [`crate::hub`]).
+    pub fn from_pretrained(model: &str, options: &LoadOptions) -> Result<Self> {
+        let path = Path::new(model);
+        if path.is_dir() || !crate::hub::looks_like_repo_id(model) {
+            return Self::from_dir(path, options);
+        }
+        let dir = crate::hub::fetch_checkpoint(model)?;
+        Self::from_dir(&dir, options)
+    }
+
+    /// Loads the checkpoint in `dir`.
+    pub fn from_dir(dir: &Path, options: &LoadOptions) -> Result<Self> {
+        let files = CheckpointFiles::discover(dir)?;
+        let config = Blip2Config::from_file(&files.config)?;
+        let image_config = ImageProcessorConfig::from_json_file(&files.image_processor)?;
+        let generation_config: GenerationConfig = match &files.generation_config {
+            Some(path) => crate::config::read_json(path)?,
+            None => GenerationConfig::default(),
+        };
+        for field in generation_config.unsupported_fields() {
+            tracing::warn!(
+                field,
+                "generation_config.json sets a field this crate ignores"
+            );
+        }
+        let bos = config.text_config.bos_token_id();
+        let tokenizer =
+            TextTokenizer::load(&files.tokenizer, files.tokenizer_config.as_deref(), bos)?;
+        let model = Blip2Model::load(
+            &config,
+            &files.config,
+            &files.weights,
+            options.dtype,
+            &options.device,
+        )?;
+        Ok(Self {
+            model,
+            tokenizer,
+            image_config,
+            generation_config,
+            files,
+            device: options.device.clone(),
+        })
+    }
+
+    /// The network.
+    pub fn model(&self) -> &Blip2Model {
+        &self.model
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &TextTokenizer {
+        &self.tokenizer
+    }
+
+    /// The image processor settings.
+    pub fn image_config(&self) -> &ImageProcessorConfig {
+        &self.image_config
+    }
+
+    /// The checkpoint's files.
+    pub fn files(&self) -> &CheckpointFiles {
+        &self.files
+    }
+
+    /// Decoding options from the checkpoint's `generation_config.json`, with at most
+    /// [`DEFAULT_MAX_NEW_TOKENS`] new tokens when the file sets no limit.
+    pub fn default_generation_options(&self) -> GenerationOptions {
+        let mut options =
+            GenerationOptions::from_config(&self.generation_config, DEFAULT_MAX_NEW_TOKENS);
+        if options.eos_token_ids.is_empty() {
+            options
+                .eos_token_ids
+                .extend(self.model.config().text_config.eos_token_id());
+        }
+        options
+    }
+
+    /// Preprocesses decoded images into `pixel_values` `[batch, 3, height, width]`.
+    pub fn pixel_values(&self, images: &[RgbImage]) -> Result<Tensor> {
+        let items = images
+            .iter()
+            .map(|image| blip2_image::preprocess(image, &self.image_config))
+            .collect::<std::result::Result<Vec<PixelValues>, _>>()?;
+        self.stack_pixels(&items)
+    }
+
+    /// Stacks preprocessed images into one tensor.
+    pub fn stack_pixels(&self, items: &[PixelValues]) -> Result<Tensor> {
+        let batch = blip2_image::PixelBatch::stack(items)?;
+        Ok(Tensor::from_vec(
+            batch.data,
+            batch.shape.to_vec(),
+            &self.device,
+        )?)
+    }
+
+    /// Runs the image side (vision encoder, Q-Former, projection).
+    pub fn encode_images(&self, pixel_values: &Tensor) -> Result<ImageFeatures> {
+        self.model.encode_images(pixel_values)
+    }
+
+    /// Builds the language model input for one image: its projected queries followed
+    /// by the embedded prompt, and the token sequence the reference's processors see.
+    fn prompt_input(
+        &self,
+        language_inputs: &Tensor,
+        prompt: &str,
+        options: &GenerationOptions,
+    ) -> Result<PromptInput> {
+        let config = self.model.config();
+        let lm = self.model.language_model();
+        let ids = if prompt.is_empty() {
+            config.text_config.bos_token_id().into_iter().collect()
+        } else {
+            self.tokenizer.encode(prompt)?
+        };
+        let queries = language_inputs.dim(0)?;
+        if let Some(limit) = lm.max_sequence_length() {
+            let needed = queries + ids.len() + options.max_new_tokens - 1;
+            if needed > limit {
+                return Err(Error::InvalidRequest(format!(
+                    "the prompt has {} tokens; with the {queries} image queries and max_new_tokens {} the model \
+                     would need {needed} positions but has {limit}; shorten the prompt or lower max_new_tokens",
+                    ids.len(),
+                    options.max_new_tokens
+                )));
+            }
+        }
+        let token_ids = Tensor::from_vec(ids.clone(), (1, ids.len()), &self.device)?;
+        let token_embeds = lm.embed_tokens(&token_ids)?.squeeze(0)?;
+        let embeds = Tensor::cat(&[&language_inputs.to_dtype(lm.dtype())?, &token_embeds], 0)?;
+        let mut sequence = Vec::with_capacity(queries + ids.len());
+        if let Some(image_token) = config.image_token_index {
+            sequence.extend(std::iter::repeat_n(image_token, queries));
+        }
+        sequence.extend_from_slice(&ids);
+        Ok(PromptInput { embeds, sequence })
+    }
+
+    /// Generates text for a batch of images that are already encoded.
+    ///
+    /// `prompts` holds one prompt per image (an empty prompt captions), or is empty for
+    /// plain captions of every image. Returns `num_return_sequences` texts per image.
+    pub fn generate_from_features(
+        &self,
+        features: &ImageFeatures,
+        prompts: &[&str],
+        options: &GenerationOptions,
+        on_token: Option<&mut generation::TokenCallback<'_>>,
+    ) -> Result<Vec<Vec<Caption>>> {
+        options.validate().map_err(Error::InvalidRequest)?;
+        let batch = features.language_inputs.dim(0)?;
+        if !prompts.is_empty() && prompts.len() != batch {
+            return Err(Error::InvalidRequest(format!(
+                "{} prompts for {batch} images",
+                prompts.len()
+            )));
+        }
+        let inputs = (0..batch)
+            .map(|i| {
+                let prompt = prompts.get(i).copied().unwrap_or("");
+                self.prompt_input(&features.language_inputs.get(i)?, prompt, options)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let outputs =
+            generation::generate(self.model.language_model(), &inputs, options, on_token)?;
+        outputs
+            .into_iter()
+            .map(|sequences| {
+                sequences
+                    .into_iter()
+                    .map(|g| self.to_caption(g))
+                    .collect::<Result<Vec<_>>>()
+            })
+            .collect()
+    }
+
+    /// The `f32` logits `[batch, vocab]` of the first token the language model would
+    /// generate for each image and prompt (an empty prompt for a plain caption).
+    pub fn first_token_logits(&self, features: &ImageFeatures, prompts: &[&str]) -> Result<Tensor> {
+        let batch = features.language_inputs.dim(0)?;
+        if !prompts.is_empty() && prompts.len() != batch {
+            return Err(Error::InvalidRequest(format!(
+                "{} prompts for {batch} images",
+                prompts.len()
+            )));
+        }
+        let options = GenerationOptions {
+            max_new_tokens: 1,
+            ..self.default_generation_options()
+        };
+        let inputs = (0..batch)
+            .map(|i| {
+                self.prompt_input(
+                    &features.language_inputs.get(i)?,
+                    prompts.get(i).copied().unwrap_or(""),
+                    &options,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(generation::first_logits(
+            self.model.language_model(),
+            &inputs,
+        )?)
+    }
+
+    /// Captions (or, with prompts, continues the prompts for) a batch of pixel values.
+    pub fn generate(
+        &self,
+        pixel_values: &Tensor,
+        prompts: &[&str],
+        options: &GenerationOptions,
+    ) -> Result<Vec<Vec<Caption>>> {
+        let features = self.encode_images(pixel_values)?;
+        self.generate_from_features(&features, prompts, options, None)
+    }
+
+    /// Captions one decoded image, with an optional prompt; returns the best caption.
+    pub fn caption(
+        &self,
+        image: &RgbImage,
+        prompt: Option<&str>,
+        options: &GenerationOptions,
+    ) -> Result<Caption> {
+        let pixels = self.pixel_values(std::slice::from_ref(image))?;
+        let prompts: Vec<&str> = prompt.into_iter().collect();
+        let mut results = self.generate(&pixels, &prompts, options)?;
+        results
+            .pop()
+            .and_then(|mut sequences| (!sequences.is_empty()).then(|| sequences.remove(0)))
+            .ok_or_else(|| Error::InvalidRequest("generation returned no sequence".into()))
+    }
+
+    fn to_caption(&self, generated: generation::Generated) -> Result<Caption> {
+        let text = self.tokenizer.decode(&generated.tokens)?.trim().to_string();
+        Ok(Caption {
+            text,
+            token_ids: generated.tokens,
+            ended_with_eos: generated.ended_with_eos,
+            score: generated.score,
+        })
+    }
+}
