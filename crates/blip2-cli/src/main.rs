@@ -1,1 +1,54 @@
-fn main() {}
+//! `blip2`: caption images and answer questions about them with BLIP-2 checkpoints.
+
+mod args;
+mod caption;
+
+use clap::{Parser, Subcommand};
+
+/// BLIP-2 vision-language models on the CPU: caption photos, with or without a prompt.
+#[derive(Debug, Parser)]
+#[command(name = "blip2", version, about, long_about = None)]
+struct Cli {
+    /// Log more: -v for progress information, -vv for debugging details.
+    /// RUST_LOG overrides this (for example RUST_LOG=blip2_pipeline=debug).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Caption images (or continue a prompt about each image).
+    Caption(caption::CaptionArgs),
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let result = match cli.command {
+        Command::Caption(args) => caption::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! Options shared by the subcommands: which model, how to decode, how to read images.
+
+use anyhow::Context;
+use blip2_pipeline::{Blip2, EarlyStopping, GenerationOptions, LoadOptions, parse_dtype};
+use clap::Args;
+
+/// Which checkpoint to load and how.
+#[derive(Debug, Args)]
+pub struct ModelArgs {
+    /// A checkpoint directory, or a Hugging Face hub id that is downloaded into the
+    /// standard cache (HF_HOME, HF_ENDPOINT and HF_HUB_OFFLINE are honoured).
+    #[arg(long, default_value = "Salesforce/blip2-opt-2.7b")]
+    pub model: String,
+
+    /// Dtype of the vision encoder and language model: f32, bf16 or f16 (the Q-Former
+    /// always runs in f32). Weights are converted once at load time.
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
+    pub dtype: String,
+
+    /// Number of CPU threads for the model (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+impl ModelArgs {
+    /// Sets the thread count and loads the checkpoint.
+    pub fn load(&self) -> anyhow::Result<Blip2> {
+        if let Some(threads) = self.threads {
+            anyhow::ensure!(threads > 0, "--threads must be at least 1");
+            // candle sizes its thread pools from this variable when they are first used,
+            // which is after this point; no other thread exists yet.
+            unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
+        }
+        let options = LoadOptions {
+            dtype: parse_dtype(&self.dtype)?,
+            ..LoadOptions::default()
+        };
+        Blip2::from_pretrained(&self.model, &options)
+            .with_context(|| format!("cannot load model {}", self.model))
+    }
+}
+
+/// Decoding settings; unset ones come from the checkpoint's generation_config.json.
+#[derive(Debug, Args)]
+pub struct DecodingArgs {
+    /// Beam search with this many beams (1 is greedy search).
+    #[arg(long)]
+    pub num_beams: Option<usize>,
+
+    /// Most tokens to generate (default: generation_config.json's max_new_tokens, else 30).
+    #[arg(long)]
+    pub max_new_tokens: Option<usize>,
+
+    /// Fewest tokens to generate before an end-of-sequence token is allowed.
+    #[arg(long)]
+    pub min_new_tokens: Option<usize>,
+
+    /// Penalty on tokens already present (1.0 disables; 1.5 is a strong penalty).
+    #[arg(long)]
+    pub repetition_penalty: Option<f32>,
+
+    /// Exponent of beam search's length normalisation (above 0 favours longer texts).
+    #[arg(long)]
+    pub length_penalty: Option<f32>,
+
+    /// Forbid repeating any n-gram of this many tokens (0 disables).
+    #[arg(long)]
+    pub no_repeat_ngram_size: Option<usize>,
+
+    /// Number of texts to return per image (at most --num-beams).
+    #[arg(long)]
+    pub num_return_sequences: Option<usize>,
+
+    /// Beam search stops an image once --num-beams texts are finished.
+    #[arg(long)]
+    pub early_stopping: bool,
+}
+
+impl DecodingArgs {
+    /// The model's defaults with these overrides applied.
+    pub fn options(&self, blip2: &Blip2) -> anyhow::Result<GenerationOptions> {
+        let mut options = blip2.default_generation_options();
+        if let Some(v) = self.num_beams {
+            options.num_beams = v;
+        }
+        if let Some(v) = self.max_new_tokens {
+            options.max_new_tokens = v;
+        }
+        if let Some(v) = self.min_new_tokens {
+            options.min_new_tokens = v;
+        }
+        if let Some(v) = self.repetition_penalty {
+            options.repetition_penalty = v;
+        }
+        if let Some(v) = self.length_penalty {
+            options.length_penalty = v;
+        }
+        if let Some(v) = self.no_repeat_ngram_size {
+            options.no_repeat_ngram_size = v;
+        }
+        if let Some(v) = self.num_return_sequences {
+            options.num_return_sequences = v;
+        }
+        if self.early_stopping {
+            options.early_stopping = EarlyStopping::Always;
+        }
+        options
+            .validate()
+            .map_err(|message| anyhow::anyhow!("invalid decoding options: {message}"))?;
+        Ok(options)
+    }
+}
+
+/// How images are read.
+#[derive(Debug, Args)]
+pub struct ImageArgs {
+    /// Ignore the EXIF orientation tag (the reference implementation ignores it; by
+    /// default photos are turned the way a viewer shows them).
+    #[arg(long)]
+    pub no_exif_orientation: bool,
+}
+
+impl ImageArgs {
+    /// Decoding options for the image crate.
+    pub fn load_options(&self) -> blip2_image::LoadOptions {
+        blip2_image::LoadOptions {
+            apply_exif_orientation: !self.no_exif_orientation,
+            ..Default::default()
+        }
+    }
+}

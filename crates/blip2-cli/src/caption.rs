@@ -1,0 +1,225 @@
+//! `blip2 caption`: one caption (or prompt continuation) per image.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use blip2_pipeline::{Blip2, Caption, GenerationOptions};
+use clap::Args;
+use serde::Serialize;
+
+use crate::args::{DecodingArgs, ImageArgs, ModelArgs};
+
+/// Arguments of `blip2 caption`.
+#[derive(Debug, Args)]
+pub struct CaptionArgs {
+    /// Image files (JPEG, PNG, WebP, GIF, BMP, TIFF).
+    #[arg(required = true)]
+    pub images: Vec<PathBuf>,
+
+    /// Text the caption continues, for example "a photo of" or
+    /// "Question: what is in the picture? Answer:".
+    #[arg(long, default_value = "")]
+    pub prompt: String,
+
+    /// Images encoded and decoded together (larger batches use more memory).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..))]
+    pub batch_size: u16,
+
+    /// Print one JSON object per image (JSON Lines) with the text and the generated token ids.
+    #[arg(long)]
+    pub json: bool,
+
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    #[command(flatten)]
+    pub decoding: DecodingArgs,
+
+    #[command(flatten)]
+    pub image: ImageArgs,
+}
+
+/// One line of `--json` output.
+#[derive(Debug, Serialize)]
+struct JsonLine<'a> {
+    image: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    caption: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    token_ids: Option<&'a [u32]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ended_with_eos: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    score: Option<f32>,
+    /// All returned texts when more than one was asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    alternatives: Option<Vec<JsonAlternative<'a>>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct JsonAlternative<'a> {
+    caption: &'a str,
+    token_ids: &'a [u32],
+    score: Option<f32>,
+}
+
+fn print_result(
+    path: &std::path::Path,
+    result: &Result<Vec<Caption>, String>,
+    json: bool,
+    several: bool,
+) {
+    let image = path.display().to_string();
+    let mut stdout = std::io::stdout().lock();
+    match (result, json) {
+        (Ok(captions), true) => {
+            let best = &captions[0];
+            let line = JsonLine {
+                image,
+                caption: Some(&best.text),
+                token_ids: Some(&best.token_ids),
+                ended_with_eos: Some(best.ended_with_eos),
+                score: best.score,
+                alternatives: (captions.len() > 1).then(|| {
+                    captions
+                        .iter()
+                        .map(|c| JsonAlternative {
+                            caption: &c.text,
+                            token_ids: &c.token_ids,
+                            score: c.score,
+                        })
+                        .collect()
+                }),
+                error: None,
+            };
+            let _ = writeln!(
+                stdout,
+                "{}",
+                serde_json::to_string(&line).unwrap_or_default()
+            );
+        }
+        (Err(error), true) => {
+            let line = JsonLine {
+                image,
+                caption: None,
+                token_ids: None,
+                ended_with_eos: None,
+                score: None,
+                alternatives: None,
+                error: Some(error.clone()),
+            };
+            let _ = writeln!(
+                stdout,
+                "{}",
+                serde_json::to_string(&line).unwrap_or_default()
+            );
+        }
+        (Ok(captions), false) => {
+            for caption in captions {
+                if several {
+                    let _ = writeln!(stdout, "{image}: {}", caption.text);
+                } else {
+                    let _ = writeln!(stdout, "{}", caption.text);
+                }
+            }
+        }
+        (Err(error), false) => eprintln!("error: {error}"),
+    }
+}
+
+fn caption_batch(
+    blip2: &Blip2,
+    paths: &[PathBuf],
+    prompt: &str,
+    options: &GenerationOptions,
+    image_args: &ImageArgs,
+) -> Vec<Result<Vec<Caption>, String>> {
+    let load_options = image_args.load_options();
+    let mut results: Vec<Option<Result<Vec<Caption>, String>>> = vec![None; paths.len()];
+    let mut good = Vec::new();
+    let mut pixels = Vec::new();
+    for (i, path) in paths.iter().enumerate() {
+        let loaded = blip2_image::load_image(path, &load_options)
+            .map_err(|e| e.to_string())
+            .and_then(|image| {
+                blip2_image::preprocess(&image, blip2.image_config()).map_err(|e| e.to_string())
+            });
+        match loaded {
+            Ok(values) => {
+                good.push(i);
+                pixels.push(values);
+            }
+            Err(error) => results[i] = Some(Err(error)),
+        }
+    }
+    if !good.is_empty() {
+        let prompts = vec![prompt; good.len()];
+        let outcome = blip2
+            .stack_pixels(&pixels)
+            .and_then(|tensor| blip2.generate(&tensor, &prompts, options));
+        match outcome {
+            Ok(captions) => {
+                for (i, captions) in good.iter().zip(captions) {
+                    results[*i] = Some(Ok(captions));
+                }
+            }
+            Err(error) => {
+                let message = error.to_string();
+                for i in good {
+                    results[i] = Some(Err(message.clone()));
+                }
+            }
+        }
+    }
+    results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err("not processed".into())))
+        .collect()
+}
+
+/// Runs `blip2 caption`; exits with failure when any image could not be captioned.
+pub fn run(args: CaptionArgs) -> anyhow::Result<ExitCode> {
+    let blip2 = args.model.load()?;
+    let options = args.decoding.options(&blip2)?;
+    let several = args.images.len() > 1;
+    let progress = (several && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
+        let bar = indicatif::ProgressBar::new(args.images.len() as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {pos}/{len} images, {elapsed} elapsed, ~{eta} left",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    });
+
+    let mut failures = 0usize;
+    for chunk in args.images.chunks(args.batch_size as usize) {
+        let results = caption_batch(&blip2, chunk, &args.prompt, &options, &args.image);
+        for (path, result) in chunk.iter().zip(&results) {
+            failures += usize::from(result.is_err());
+            let print = || print_result(path, result, args.json, several);
+            match &progress {
+                Some(bar) => bar.suspend(print),
+                None => print(),
+            }
+        }
+        if let Some(bar) = &progress {
+            bar.inc(chunk.len() as u64);
+        }
+    }
+    if let Some(bar) = progress {
+        bar.finish_and_clear();
+    }
+    if failures > 0 {
+        eprintln!(
+            "{failures} of {} images could not be captioned",
+            args.images.len()
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
