@@ -85,6 +85,7 @@ MODELS = {
     # Pre-layer-norm OPT; weights as transformers 5 saves them (one file, fused `qkv.bias`),
     # processor settings as transformers 5 writes them (processor_config.json).
     "opt-tiny": dict(
+        family="opt",
         vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                     image_size=56, patch_size=14),
         qformer=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -101,6 +102,7 @@ MODELS = {
     # shards with an index, the older published layout (`q_bias` and `v_bias`, a stored
     # `lm_head.weight`, a flat preprocessor_config.json), cross-attention in every Q-Former layer.
     "opt-proj-sharded": dict(
+        family="opt",
         vision=dict(hidden_size=24, intermediate_size=40, num_hidden_layers=3, num_attention_heads=2,
                     image_size=42, patch_size=14, layer_norm_eps=1e-5),
         qformer=dict(hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=3,
@@ -116,6 +118,7 @@ MODELS = {
     # Post-layer-norm OPT (like OPT-350m) with an untied output projection and GELU feed-forward,
     # cross-attention every third Q-Former layer, eight attention heads in the decoder.
     "opt-postln": dict(
+        family="opt",
         vision=dict(hidden_size=40, intermediate_size=56, num_hidden_layers=2, num_attention_heads=5,
                     image_size=28, patch_size=14),
         qformer=dict(hidden_size=40, intermediate_size=64, num_hidden_layers=3, num_attention_heads=5,
@@ -129,12 +132,72 @@ MODELS = {
         processor_file="processor_config.json",
         stop_early=False,
     ),
+    # Flan-T5 as published: gated-GELU feed-forward, an output layer separate from the
+    # embeddings (no output scaling), and every tied copy of the embeddings stored.
+    "flan-t5-tiny": dict(
+        family="t5",
+        vision=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                    image_size=42, patch_size=14),
+        qformer=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                     cross_attention_frequency=2),
+        text=dict(d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
+                  tie_word_embeddings=False, relative_attention_num_buckets=8,
+                  relative_attention_max_distance=16),
+        num_query_tokens=8,
+        # Random T5 decoders tend to repeat one token; these scales give varied output.
+        init=dict(relative_bias_std=4.0, shared_std=1.0, output_gain=1.0),
+        layout="t5_published",
+        shards=None,
+        processor_file="processor_config.json",
+        stop_early=False,
+    ),
+    # Original-T5 style: ReLU feed-forward, tied embeddings (so the decoder output is scaled by
+    # d_model^-0.5), heads of width 10 that do not add up to d_model, a one-layer decoder under a
+    # three-layer encoder; saved as transformers 5 saves it, in two shards.
+    "t5-relu-tied": dict(
+        family="t5",
+        vision=dict(hidden_size=24, intermediate_size=32, num_hidden_layers=2, num_attention_heads=3,
+                    image_size=28, patch_size=14),
+        qformer=dict(hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=2,
+                     cross_attention_frequency=1),
+        text=dict(d_model=24, d_kv=10, d_ff=40, num_layers=3, num_decoder_layers=1, num_heads=3,
+                  feed_forward_proj="relu", relative_attention_num_buckets=12,
+                  relative_attention_max_distance=24),
+        num_query_tokens=5,
+        init=dict(relative_bias_std=0.5, shared_std=0.1, output_gain=2.0),
+        layout="qkv_bias",
+        shards=2,
+        processor_file="processor_config.json",
+        stop_early=False,
+    ),
 }
 
 PROMPTS = ["a photo of", "Question: what is the cat lying on? Answer:", "an"]
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
+def build_tokenizer(family: str) -> PreTrainedTokenizerFast:
+    """A tokenizer of the kind the family's checkpoints ship, trained on CORPUS."""
+    return build_opt_tokenizer() if family == "opt" else build_t5_tokenizer()
+
+
+def build_t5_tokenizer() -> PreTrainedTokenizerFast:
+    """A SentencePiece-style Unigram tokenizer with T5's special tokens and its `</s>` suffix."""
+    tokenizer = Tokenizer(models.Unigram())
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tokenizer.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    trainer = trainers.UnigramTrainer(
+        vocab_size=200, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", show_progress=False
+    )
+    tokenizer.train_from_iterator([line for line in CORPUS if line] * 4, trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+    fast.padding_side = "right"
+    return fast
+
+
+def build_opt_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer with OPT's special tokens and its `</s>` prefix."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -156,7 +219,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def randomize(model: torch.nn.Module, generator: torch.Generator) -> None:
+def randomize(model: torch.nn.Module, generator: torch.Generator, init: dict | None = None) -> None:
     """Give every parameter a random value of a scale that keeps activations near unit size.
 
     transformers' own initialisation is unusable for this: it sets the vision weights to ~1e-10 and
@@ -178,6 +241,16 @@ def randomize(model: torch.nn.Module, generator: torch.Generator) -> None:
             else:
                 value = 0.5 * torch.randn(param.shape, generator=generator)
             param.copy_(value)
+        # Per-model scales for T5: relative position biases, shared embeddings, and a gain on
+        # the attention and feed-forward output projections.
+        if init:
+            for name, param in model.named_parameters():
+                if "relative_attention_bias" in name:
+                    param.copy_(init["relative_bias_std"] * torch.randn(param.shape, generator=generator))
+                elif name.endswith("shared.weight"):
+                    param.copy_(init["shared_std"] * torch.randn(param.shape, generator=generator))
+                elif name.startswith("language_model") and (".wo." in name or name.endswith(".o.weight")):
+                    param.mul_(init["output_gain"])
         # The fused vision `qkv.bias` holds [q, k, v]; the key part is zero in every published
         # checkpoint (they store only q_bias and v_bias), which the split layout relies on.
         for name, param in model.named_parameters():
@@ -187,7 +260,24 @@ def randomize(model: torch.nn.Module, generator: torch.Generator) -> None:
 
 
 def rewrite_layout(model_dir: Path, spec: dict) -> None:
-    """Turn transformers 5's saved weights into the older published layout when asked."""
+    """Turn transformers 5's saved weights into an older published layout when asked."""
+    if spec["layout"] == "t5_published":
+        # Flan-T5 BLIP-2 checkpoints store the shared embeddings three times and the output layer.
+        path = model_dir / "model.safetensors"
+        tensors = load_file(path)
+        shared = tensors["language_model.shared.weight"]
+        tensors["language_model.encoder.embed_tokens.weight"] = shared.clone()
+        tensors["language_model.decoder.embed_tokens.weight"] = shared.clone()
+        assert "language_model.lm_head.weight" in tensors, "an untied output layer is saved"
+        save_file(tensors, path, metadata={"format": "pt"})
+        # Their config says `tie_word_embeddings: false` and has no `scale_decoder_outputs`,
+        # which transformers 5 adds when it saves.
+        config_path = model_dir / "config.json"
+        config = json.loads(config_path.read_text())
+        config["text_config"]["tie_word_embeddings"] = False
+        del config["text_config"]["scale_decoder_outputs"]
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
+        return
     if spec["layout"] != "q_v_bias":
         return
     index_path = model_dir / "model.safetensors.index.json"
@@ -214,15 +304,15 @@ def rewrite_layout(model_dir: Path, spec: dict) -> None:
 def save_checkpoint(name: str, spec: dict, tokenizer, model_dir: Path, seed: int):
     """Build, randomize and save one model; return the model as transformers loads it back."""
     image_token_id = len(tokenizer)  # `<image>` is appended by the processor, as on the hub
-    newline_id = tokenizer.convert_tokens_to_ids("Ċ")
-    text = dict(
-        model_type="opt",
-        vocab_size=image_token_id + 8,
-        bos_token_id=2,
-        eos_token_id=newline_id,
-        pad_token_id=1,
-        **spec["text"],
-    )
+    if spec["family"] == "opt":
+        # The BLIP-2 OPT checkpoints end captions on a newline.
+        stop_id = tokenizer.convert_tokens_to_ids("\u010a")
+        special = dict(bos_token_id=2, eos_token_id=stop_id, pad_token_id=1)
+        text = dict(model_type="opt", vocab_size=image_token_id + 8, **special, **spec["text"])
+    else:
+        stop_id = 1
+        special = dict(eos_token_id=1, pad_token_id=0, decoder_start_token_id=0)
+        text = dict(model_type="t5", vocab_size=image_token_id + 4, **special, **spec["text"])
     config = Blip2Config(
         vision_config=spec["vision"],
         qformer_config=spec["qformer"],
@@ -233,10 +323,16 @@ def save_checkpoint(name: str, spec: dict, tokenizer, model_dir: Path, seed: int
     torch.manual_seed(seed)
     model = Blip2ForConditionalGeneration(config).eval()
     generator = torch.Generator().manual_seed(seed)
-    randomize(model, generator)
-    model.generation_config.bos_token_id = 2
-    model.generation_config.pad_token_id = 1
-    model.generation_config.eos_token_id = newline_id
+    randomize(model, generator, spec.get("init"))
+    for key, value in special.items():
+        setattr(model.generation_config, key, value)
+    if spec["family"] == "t5":
+        # Random values for the output layer too (transformers ties it to the embeddings at
+        # construction); the published Flan-T5 output layer differs from its embeddings.
+        with torch.no_grad():
+            if spec["text"].get("tie_word_embeddings") is False:
+                head = torch.randn(model.language_model.lm_head.weight.shape, generator=generator)
+                model.language_model.lm_head.weight = torch.nn.Parameter(head / spec["text"]["d_model"] ** 0.5)
 
     if model_dir.exists():
         shutil.rmtree(model_dir)
@@ -257,7 +353,7 @@ def save_checkpoint(name: str, spec: dict, tokenizer, model_dir: Path, seed: int
     if spec["processor_file"] == "preprocessor_config.json":
         (model_dir / "processor_config.json").unlink()
         image_processor.to_json_file(model_dir / "preprocessor_config.json")
-    return image_token_id, newline_id
+    return image_token_id, stop_id
 
 
 def load_reference(model_dir: Path, dtype=torch.float32) -> Blip2ForConditionalGeneration:
@@ -287,13 +383,23 @@ def image_inputs(model_dir: Path, size_override=None):
 
 
 def input_ids_for(tokenizer, prompt: str, image_token_id: int, num_query_tokens: int):
-    """The ids Blip2Processor builds: one `<image>` per query, then the tokenized prompt (or BOS)."""
-    ids = tokenizer(prompt).input_ids if prompt else [tokenizer.bos_token_id]
+    """The ids Blip2Processor builds: one `<image>` per query, then the tokenized prompt.
+
+    An empty prompt is BOS alone for OPT (what Blip2 `generate` uses without text) and the
+    tokenization of "" for T5 (just `</s>`; T5 has no BOS).
+    """
+    if prompt or tokenizer.bos_token_id is None:
+        ids = tokenizer(prompt).input_ids
+    else:
+        ids = [tokenizer.bos_token_id]
     return [image_token_id] * num_query_tokens + ids
 
 
 def run_generate(model, pixel_values, ids_list, settings, pad_id, eos_ids):
-    """Batch with left padding between the image tokens and the text, as Blip2Processor pads.
+    """Batch the inputs padded as Blip2Processor pads them and return the new tokens per sequence.
+
+    OPT pads on the left, which puts the padding between the image tokens and the text; T5 pads
+    on the right.
 
     The end-of-sequence ids are passed explicitly: transformers 5.23's Blip2 `generate` delegates
     to the language model, which reads its own defaults (from `text_config`) rather than the
@@ -303,10 +409,15 @@ def run_generate(model, pixel_values, ids_list, settings, pad_id, eos_ids):
     num_query_tokens = model.config.num_query_tokens
     longest = max(len(ids) for ids in ids_list)
     input_ids, mask = [], []
+    encoder_decoder = model.config.text_config.is_encoder_decoder
     for ids in ids_list:
         padding = longest - len(ids)
-        input_ids.append(ids[:num_query_tokens] + [pad_id] * padding + ids[num_query_tokens:])
-        mask.append([1] * num_query_tokens + [0] * padding + [1] * (len(ids) - num_query_tokens))
+        if encoder_decoder:
+            input_ids.append(ids + [pad_id] * padding)
+            mask.append([1] * len(ids) + [0] * padding)
+        else:
+            input_ids.append(ids[:num_query_tokens] + [pad_id] * padding + ids[num_query_tokens:])
+            mask.append([1] * num_query_tokens + [0] * padding + [1] * (len(ids) - num_query_tokens))
     input_ids = torch.tensor(input_ids)
     mask = torch.tensor(mask)
     with torch.no_grad():
@@ -320,7 +431,9 @@ def run_generate(model, pixel_values, ids_list, settings, pad_id, eos_ids):
             pad_token_id=pad_id,
             **settings,
         )
-    sequences = out.sequences[:, input_ids.shape[1]:].tolist()
+    # Decoder-only output repeats the input; encoder-decoder output starts with the decoder start token.
+    skip = 1 if encoder_decoder else input_ids.shape[1]
+    sequences = out.sequences[:, skip:].tolist()
     results = []
     for row in sequences:
         cut = len(row)
@@ -359,9 +472,13 @@ def generation_cases(num_images: int):
 
 def record(name: str, spec: dict, tokenizer, out: Path, seed: int) -> None:
     model_dir = out / "models" / name
-    image_token_id, newline_id = save_checkpoint(name, spec, tokenizer, model_dir, seed)
+    image_token_id, stop_id = save_checkpoint(name, spec, tokenizer, model_dir, seed)
+    pad_id = tokenizer.pad_token_id
     model = load_reference(model_dir)
     check_layout_loads(model_dir, model, spec)
+    if spec["family"] == "t5":
+        expected_scale = spec["text"].get("tie_word_embeddings") is not False
+        assert model.config.text_config.scale_decoder_outputs == expected_scale, "decoder output scaling"
     if spec["layout"] == "q_v_bias":
         # transformers 5.23 cannot read q_bias/v_bias; rebuild the fused bias it expects.
         rebuilt = {}
@@ -391,10 +508,13 @@ def record(name: str, spec: dict, tokenizer, out: Path, seed: int) -> None:
         tensors["vision_last_hidden_state"] = vision.contiguous()
         tensors["qformer_last_hidden_state"] = queries.contiguous()
         tensors["language_projection"] = projected.contiguous()
+        extra = {}
+        if spec["family"] == "t5":
+            extra["decoder_input_ids"] = torch.tensor([[model.config.text_config.decoder_start_token_id]])
         for prompt_index, prompt in enumerate(["", PROMPTS[0]]):
             ids = input_ids_for(tokenizer, prompt, image_token_id, num_query_tokens)
             logits = [
-                model(pixel_values=pixel_values[i : i + 1], input_ids=torch.tensor([ids])).logits[:, -1, :]
+                model(pixel_values=pixel_values[i : i + 1], input_ids=torch.tensor([ids]), **extra).logits[:, -1, :]
                 for i in range(len(PHOTOS))
             ]
             tensors[f"first_logits_prompt{prompt_index}"] = torch.cat(logits).contiguous()
@@ -406,13 +526,13 @@ def record(name: str, spec: dict, tokenizer, out: Path, seed: int) -> None:
             larger_pixels, interpolate_pos_encoding=True
         ).last_hidden_state.contiguous()
 
-    eos_ids = [newline_id]
+    eos_ids = [stop_id]
     if spec["stop_early"]:
         # Make the first photo's greedy caption stop early by adding one of its tokens (the first
         # new one after the second position) to the end-of-sequence ids, so stopping on a list of
         # ids is exercised.
         plain, _ = run_generate(model, pixel_values[:1], [input_ids_for(tokenizer, "", image_token_id, num_query_tokens)],
-                                dict(max_new_tokens=12), 1, eos_ids)
+                                dict(max_new_tokens=12), pad_id, eos_ids)
         caption = plain[0]
         stop = next((t for i, t in enumerate(caption) if i >= 2 and t not in caption[:i]), None)
         assert stop is not None, f"{name}: the caption {caption} repeats one token; pick another seed"
@@ -427,14 +547,15 @@ def record(name: str, spec: dict, tokenizer, out: Path, seed: int) -> None:
     # a batch from one flat buffer, so image i reads part of image i-1's projection. The reference
     # for such a model is therefore each item generated alone; the Rust tests check separately that
     # its batches equal its single runs.
-    items_alone = spec["text"].get("word_embed_proj_dim", spec["text"]["hidden_size"]) != spec["text"]["hidden_size"]
+    text = spec["text"]
+    items_alone = spec["family"] == "opt" and text.get("word_embed_proj_dim", text["hidden_size"]) != text["hidden_size"]
 
     def reference_generate(reference_model, images, ids_list, settings):
         if not items_alone:
-            return run_generate(reference_model, pixel_values[images], ids_list, settings, 1, eos_ids)
+            return run_generate(reference_model, pixel_values[images], ids_list, settings, pad_id, eos_ids)
         tokens, scores = [], []
         for image, ids in zip(images, ids_list):
-            item_tokens, item_scores = run_generate(reference_model, pixel_values[[image]], [ids], settings, 1, eos_ids)
+            item_tokens, item_scores = run_generate(reference_model, pixel_values[[image]], [ids], settings, pad_id, eos_ids)
             tokens += item_tokens
             scores = None if item_scores is None else scores + item_scores
         return tokens, scores
@@ -497,7 +618,7 @@ def main() -> None:
     torch.set_num_threads(1)
     for index, (name, spec) in enumerate(MODELS.items()):
         # A fresh tokenizer each time: the processor adds `<image>` to the one it is given.
-        record(name, spec, build_tokenizer(), args.out, seed=1000 + index)
+        record(name, spec, build_tokenizer(spec["family"]), args.out, seed=1000 + index)
     check_processor_round_trip(args.out)
 
 

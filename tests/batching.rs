@@ -8,7 +8,13 @@ use common::{model_dir, photo, reference};
 
 #[test]
 fn batch_equals_single_runs() {
-    for name in ["opt-tiny", "opt-proj-sharded", "opt-postln"] {
+    for name in [
+        "opt-tiny",
+        "opt-proj-sharded",
+        "opt-postln",
+        "flan-t5-tiny",
+        "t5-relu-tied",
+    ] {
         let blip2 = Blip2::from_dir(&model_dir(name), &LoadOptions::default()).unwrap();
         let meta = reference(name);
         let images: Vec<_> = meta

@@ -14,7 +14,13 @@ const LOGIT_TOLERANCE: [(DType, f32); 2] = [(DType::BF16, 0.15), (DType::F16, 0.
 
 #[test]
 fn half_precision_stays_close_to_f32() {
-    for name in ["opt-tiny", "opt-postln", "opt-proj-sharded"] {
+    for name in [
+        "opt-tiny",
+        "opt-postln",
+        "opt-proj-sharded",
+        "flan-t5-tiny",
+        "t5-relu-tied",
+    ] {
         let meta = reference(name);
         let full = Blip2::from_dir(&model_dir(name), &LoadOptions::default()).unwrap();
         let images: Vec<_> = meta

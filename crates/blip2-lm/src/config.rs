@@ -10,6 +10,9 @@ pub enum TextConfig {
     /// Meta's OPT (`model_type: "opt"`), a decoder-only model.
     #[serde(rename = "opt")]
     Opt(OptConfig),
+    /// Google's T5 and Flan-T5 (`model_type: "t5"`), encoder-decoder models.
+    #[serde(rename = "t5")]
+    T5(T5Config),
 }
 
 impl Default for TextConfig {
@@ -25,6 +28,7 @@ impl TextConfig {
     pub fn hidden_size(&self) -> usize {
         match self {
             Self::Opt(config) => config.hidden_size,
+            Self::T5(config) => config.d_model,
         }
     }
 
@@ -32,6 +36,7 @@ impl TextConfig {
     pub fn bos_token_id(&self) -> Option<u32> {
         match self {
             Self::Opt(config) => config.bos_token_id,
+            Self::T5(config) => config.bos_token_id,
         }
     }
 
@@ -39,13 +44,20 @@ impl TextConfig {
     pub fn eos_token_id(&self) -> Option<u32> {
         match self {
             Self::Opt(config) => config.eos_token_id,
+            Self::T5(config) => config.eos_token_id,
         }
+    }
+
+    /// Whether the model is an encoder-decoder.
+    pub fn is_encoder_decoder(&self) -> bool {
+        matches!(self, Self::T5(_))
     }
 
     /// The `model_type` string.
     pub fn model_type(&self) -> &'static str {
         match self {
             Self::Opt(_) => "opt",
+            Self::T5(_) => "t5",
         }
     }
 }
@@ -200,6 +212,186 @@ impl OptConfig {
     }
 }
 
+/// A mirror of transformers' `T5Config`, with its defaults (Flan-T5 checkpoints set
+/// `feed_forward_proj: "gated-gelu"` and `tie_word_embeddings: false`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct T5Config {
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Width of the residual stream.
+    pub d_model: usize,
+    /// Width of each attention head.
+    pub d_kv: usize,
+    /// Width of the feed-forward hidden layer.
+    pub d_ff: usize,
+    /// Number of encoder layers.
+    pub num_layers: usize,
+    /// Number of decoder layers (defaults to `num_layers`).
+    pub num_decoder_layers: Option<usize>,
+    /// Number of attention heads.
+    pub num_heads: usize,
+    /// Number of relative position buckets.
+    pub relative_attention_num_buckets: usize,
+    /// Distance beyond which relative positions share a bucket.
+    pub relative_attention_max_distance: usize,
+    /// Epsilon of the RMS norms.
+    pub layer_norm_epsilon: f64,
+    /// `"relu"`, `"gated-gelu"` or `"gated-ACT"`.
+    pub feed_forward_proj: String,
+    /// Whether the output projection reuses the embeddings; when not `false`, the decoder
+    /// output is scaled by `d_model^-0.5` before it (unless `scale_decoder_outputs` says
+    /// otherwise).
+    pub tie_word_embeddings: Option<bool>,
+    /// Whether to scale the decoder output by `d_model^-0.5`; transformers 5 writes it
+    /// explicitly, older configs imply it through `tie_word_embeddings`.
+    pub scale_decoder_outputs: Option<bool>,
+    /// Padding token id (also the usual decoder start token).
+    pub pad_token_id: Option<u32>,
+    /// End-of-sequence token id.
+    pub eos_token_id: Option<u32>,
+    /// Beginning-of-sequence token id (T5 has none).
+    pub bos_token_id: Option<u32>,
+    /// First decoder token; transformers falls back to `pad_token_id`.
+    pub decoder_start_token_id: Option<u32>,
+}
+
+impl Default for T5Config {
+    fn default() -> Self {
+        Self {
+            vocab_size: 32128,
+            d_model: 512,
+            d_kv: 64,
+            d_ff: 2048,
+            num_layers: 6,
+            num_decoder_layers: None,
+            num_heads: 8,
+            relative_attention_num_buckets: 32,
+            relative_attention_max_distance: 128,
+            layer_norm_epsilon: 1e-6,
+            feed_forward_proj: "relu".into(),
+            tie_word_embeddings: None,
+            scale_decoder_outputs: None,
+            pad_token_id: Some(0),
+            eos_token_id: Some(1),
+            bos_token_id: None,
+            decoder_start_token_id: None,
+        }
+    }
+}
+
+/// Validated T5 settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct T5Settings {
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Width of the residual stream.
+    pub d_model: usize,
+    /// Width of each attention head.
+    pub d_kv: usize,
+    /// Width of the feed-forward hidden layer.
+    pub d_ff: usize,
+    /// Number of encoder layers.
+    pub encoder_layers: usize,
+    /// Number of decoder layers.
+    pub decoder_layers: usize,
+    /// Number of attention heads.
+    pub num_heads: usize,
+    /// Number of relative position buckets.
+    pub num_buckets: usize,
+    /// Distance beyond which relative positions share a bucket.
+    pub max_distance: usize,
+    /// Epsilon of the RMS norms.
+    pub layer_norm_eps: f64,
+    /// Feed-forward activation.
+    pub activation: Activation,
+    /// Whether the feed-forward is gated (`wi_0`, `wi_1`) or plain (`wi`).
+    pub gated: bool,
+    /// Whether the decoder output is scaled by `d_model^-0.5` before the output layer.
+    pub scale_decoder_outputs: bool,
+    /// First decoder token.
+    pub decoder_start_token_id: u32,
+}
+
+impl T5Config {
+    /// Checks the values and derives the settings the model is built from.
+    pub fn resolve(&self) -> Result<T5Settings, ConfigError> {
+        let positive = [
+            ("vocab_size", self.vocab_size),
+            ("d_model", self.d_model),
+            ("d_kv", self.d_kv),
+            ("d_ff", self.d_ff),
+            ("num_layers", self.num_layers),
+            ("num_heads", self.num_heads),
+            (
+                "relative_attention_num_buckets",
+                self.relative_attention_num_buckets,
+            ),
+        ];
+        for (field, value) in positive {
+            if value == 0 {
+                return Err(ConfigError::new(field, "must be greater than zero"));
+            }
+        }
+        if self.relative_attention_max_distance < self.relative_attention_num_buckets {
+            return Err(ConfigError::new(
+                "relative_attention_max_distance",
+                format!(
+                    "must be at least relative_attention_num_buckets ({}), got {}",
+                    self.relative_attention_num_buckets, self.relative_attention_max_distance
+                ),
+            ));
+        }
+        let parts: Vec<&str> = self.feed_forward_proj.split('-').collect();
+        let (gated, activation_name) = match parts.as_slice() {
+            [name] => (false, *name),
+            ["gated", name] => (true, *name),
+            _ => {
+                return Err(ConfigError::new(
+                    "feed_forward_proj",
+                    format!(
+                        "expected \"ACT\" or \"gated-ACT\", got {:?}",
+                        self.feed_forward_proj
+                    ),
+                ));
+            }
+        };
+        // transformers maps the legacy "gated-gelu" to the tanh approximation.
+        let activation_name = if self.feed_forward_proj == "gated-gelu" {
+            "gelu_new"
+        } else {
+            activation_name
+        };
+        let decoder_start_token_id = self
+            .decoder_start_token_id
+            .or(self.pad_token_id)
+            .ok_or_else(|| {
+                ConfigError::new(
+                    "decoder_start_token_id",
+                    "neither it nor pad_token_id is set",
+                )
+            })?;
+        Ok(T5Settings {
+            vocab_size: self.vocab_size,
+            d_model: self.d_model,
+            d_kv: self.d_kv,
+            d_ff: self.d_ff,
+            encoder_layers: self.num_layers,
+            decoder_layers: self.num_decoder_layers.unwrap_or(self.num_layers),
+            num_heads: self.num_heads,
+            num_buckets: self.relative_attention_num_buckets,
+            max_distance: self.relative_attention_max_distance,
+            layer_norm_eps: self.layer_norm_epsilon,
+            activation: Activation::from_hf_name(activation_name, "feed_forward_proj")?,
+            gated,
+            scale_decoder_outputs: self
+                .scale_decoder_outputs
+                .unwrap_or(self.tie_word_embeddings != Some(false)),
+            decoder_start_token_id,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -216,6 +408,27 @@ mod tests {
     fn unknown_model_type_is_named() {
         let error = serde_json::from_str::<TextConfig>(r#"{"model_type": "gpt9"}"#).unwrap_err();
         assert!(error.to_string().contains("gpt9"), "{error}");
+    }
+
+    #[test]
+    fn flan_t5_settings() {
+        let json = r#"{"model_type": "t5", "feed_forward_proj": "gated-gelu", "tie_word_embeddings": false,
+                       "d_model": 2048, "num_layers": 24, "num_heads": 32, "decoder_start_token_id": 0}"#;
+        let TextConfig::T5(config) = serde_json::from_str::<TextConfig>(json).unwrap() else {
+            panic!("expected a T5 config");
+        };
+        let settings = config.resolve().unwrap();
+        assert!(settings.gated);
+        assert_eq!(settings.activation, Activation::GeluTanh);
+        assert!(!settings.scale_decoder_outputs);
+        assert_eq!(settings.decoder_layers, 24);
+    }
+
+    #[test]
+    fn malformed_feed_forward_is_named() {
+        let config: T5Config =
+            serde_json::from_str(r#"{"feed_forward_proj": "gated-gelu-extra"}"#).unwrap();
+        assert_eq!(config.resolve().unwrap_err().field, "feed_forward_proj");
     }
 
     #[test]

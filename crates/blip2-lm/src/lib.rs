@@ -7,7 +7,8 @@
 //! with the logits processors of Hugging Face's `generate`, so any model behind the
 //! trait decodes exactly like the reference.
 //!
-//! Adapters: [`OptModel`] (decoder-only). The text config in a BLIP-2 `config.json`
+//! Adapters: [`OptModel`] (decoder-only) and [`T5Model`] (encoder-decoder, for the
+//! Flan-T5 checkpoints). The text config in a BLIP-2 `config.json`
 //! is parsed into [`TextConfig`], tagged by its `model_type`.
 
 #![warn(missing_docs)]
@@ -16,10 +17,12 @@ mod cache;
 mod config;
 pub mod generation;
 mod opt;
+mod t5;
 
 pub use cache::KvCache;
-pub use config::{OptConfig, OptSettings, TextConfig};
+pub use config::{OptConfig, OptSettings, T5Config, T5Settings, TextConfig};
 pub use opt::OptModel;
+pub use t5::{T5Model, relative_position_bucket};
 
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -48,6 +51,11 @@ pub trait LanguageModel: Send + Sync {
     /// Whether the model is an encoder-decoder (the prompt goes to the encoder and
     /// generation starts from a decoder start token).
     fn is_encoder_decoder(&self) -> bool;
+
+    /// The token the decoder starts from, for encoder-decoder models.
+    fn decoder_start_token_id(&self) -> Option<u32> {
+        None
+    }
 
     /// Runs the prompt and opens a decoding session.
     ///

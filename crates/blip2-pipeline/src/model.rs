@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use blip2_lm::{LanguageModel, OptModel, TextConfig};
+use blip2_lm::{LanguageModel, OptModel, T5Model, TextConfig};
 use blip2_nn::Linear;
 use blip2_qformer::QFormer;
 use blip2_vision::{EvaVisionModel, VisionEncoder};
@@ -108,6 +108,10 @@ impl Blip2Model {
             TextConfig::Opt(opt) => {
                 let settings = opt.resolve().map_err(|e| invalid(e, "text_config"))?;
                 Box::new(OptModel::load(&settings, vb.pp("language_model")).map_err(weights_error)?)
+            }
+            TextConfig::T5(t5) => {
+                let settings = t5.resolve().map_err(|e| invalid(e, "text_config"))?;
+                Box::new(T5Model::load(&settings, vb.pp("language_model")).map_err(weights_error)?)
             }
         };
         let embedding_size = language_model.embedding_size();

@@ -185,10 +185,11 @@ impl Blip2 {
     ) -> Result<PromptInput> {
         let config = self.model.config();
         let lm = self.model.language_model();
-        let ids = if prompt.is_empty() {
-            config.text_config.bos_token_id().into_iter().collect()
-        } else {
-            self.tokenizer.encode(prompt)?
+        // Without a prompt, transformers starts decoder-only models from BOS alone; an
+        // encoder-decoder has no BOS and encodes the empty text (its end-of-sequence token).
+        let ids = match config.text_config.bos_token_id() {
+            Some(bos) if prompt.is_empty() && !lm.is_encoder_decoder() => vec![bos],
+            _ => self.tokenizer.encode(prompt)?,
         };
         let queries = language_inputs.dim(0)?;
         if let Some(limit) = lm.max_sequence_length() {
@@ -205,11 +206,19 @@ impl Blip2 {
         let token_ids = Tensor::from_vec(ids.clone(), (1, ids.len()), &self.device)?;
         let token_embeds = lm.embed_tokens(&token_ids)?.squeeze(0)?;
         let embeds = Tensor::cat(&[&language_inputs.to_dtype(lm.dtype())?, &token_embeds], 0)?;
-        let mut sequence = Vec::with_capacity(queries + ids.len());
-        if let Some(image_token) = config.image_token_index {
-            sequence.extend(std::iter::repeat_n(image_token, queries));
-        }
-        sequence.extend_from_slice(&ids);
+        // The reference's logits processors see the decoder's tokens: the whole prompt (one
+        // placeholder per image query) for decoder-only models, the start token otherwise.
+        let sequence = match lm.decoder_start_token_id() {
+            Some(start) => vec![start],
+            None => {
+                let mut sequence = Vec::with_capacity(queries + ids.len());
+                if let Some(image_token) = config.image_token_index {
+                    sequence.extend(std::iter::repeat_n(image_token, queries));
+                }
+                sequence.extend_from_slice(&ids);
+                sequence
+            }
+        };
         Ok(PromptInput { embeds, sequence })
     }
 

