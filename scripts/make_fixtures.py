@@ -19,9 +19,16 @@ tokens never hinge on a near-tie that float32 rounding could flip.
 
 import argparse
 import json
+import math
+import os
 import shutil
 import sys
+from collections import Counter
 from pathlib import Path
+
+# The BPE trainer runs on one thread, so that merges with equal counts keep a stable order.
+os.environ["RAYON_NUM_THREADS"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 import numpy as np
 import PIL
@@ -164,7 +171,7 @@ MODELS = {
                   feed_forward_proj="relu", relative_attention_num_buckets=12,
                   relative_attention_max_distance=24),
         num_query_tokens=5,
-        init=dict(relative_bias_std=0.5, shared_std=0.1, output_gain=2.0),
+        init=dict(relative_bias_std=4.0, shared_std=0.1, output_gain=1.0),
         layout="qkv_bias",
         shards=2,
         processor_file="processor_config.json",
@@ -174,6 +181,14 @@ MODELS = {
 
 PROMPTS = ["a photo of", "Question: what is the cat lying on? Answer:", "an"]
 
+# Warper settings whose next-token distributions are recorded for the sampling tests.
+SAMPLING_SETTINGS = [
+    dict(temperature=1.0, top_k=5, top_p=1.0),
+    dict(temperature=1.0, top_k=0, top_p=0.6),
+    dict(temperature=0.7, top_k=10, top_p=0.9),
+    dict(temperature=1.5, top_k=50, top_p=1.0),
+]
+
 
 def build_tokenizer(family: str) -> PreTrainedTokenizerFast:
     """A tokenizer of the kind the family's checkpoints ship, trained on CORPUS."""
@@ -181,14 +196,26 @@ def build_tokenizer(family: str) -> PreTrainedTokenizerFast:
 
 
 def build_t5_tokenizer() -> PreTrainedTokenizerFast:
-    """A SentencePiece-style Unigram tokenizer with T5's special tokens and its `</s>` suffix."""
-    tokenizer = Tokenizer(models.Unigram())
+    """A SentencePiece-style Unigram tokenizer with T5's special tokens and its `</s>` suffix.
+
+    The vocabulary is counted directly from CORPUS instead of trained, because the Unigram
+    trainer's floating-point sums vary from run to run and would reorder ids.
+    """
+    counts = Counter()
+    for line in CORPUS:
+        for word in line.split():
+            piece = "\u2581" + word
+            for start in range(len(piece)):
+                for end in range(start + 1, min(len(piece), start + 6) + 1):
+                    counts[piece[start:end]] += 1
+    characters = sorted({piece for piece in counts if len(piece) == 1})
+    longer = sorted((p for p in counts if len(p) > 1), key=lambda p: (-counts[p] * len(p), p))[:150]
+    total = sum(counts.values())
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocab += [(piece, math.log(counts[piece] / total)) for piece in characters + longer]
+    tokenizer = Tokenizer(models.Unigram(vocab, unk_id=2))
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
     tokenizer.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
-    trainer = trainers.UnigramTrainer(
-        vocab_size=200, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", show_progress=False
-    )
-    tokenizer.train_from_iterator([line for line in CORPUS if line] * 4, trainer)
     tokenizer.post_processor = processors.TemplateProcessing(
         single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
     )
@@ -581,6 +608,29 @@ def record(name: str, spec: dict, tokenizer, out: Path, seed: int) -> None:
             scores=None if scores is None else [scores[i * per_input:(i + 1) * per_input] for i in range(len(images))],
         ))
 
+    # Sampling: the next-token distribution after transformers' warpers (temperature, top-k,
+    # top-p, in generate's order) for the first photo's caption, as {token id: probability}.
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+    sampling = []
+    logits = tensors["first_logits_prompt0"][:1].double()
+    for settings in SAMPLING_SETTINGS:
+        warpers = LogitsProcessorList()
+        if settings["temperature"] != 1.0:
+            warpers.append(TemperatureLogitsWarper(settings["temperature"]))
+        if settings["top_k"]:
+            warpers.append(TopKLogitsWarper(settings["top_k"]))
+        if settings["top_p"] < 1.0:
+            warpers.append(TopPLogitsWarper(settings["top_p"]))
+        warped = warpers(torch.zeros((1, 1), dtype=torch.long), logits.float())
+        probabilities = torch.softmax(warped, dim=-1)[0]
+        kept = {int(i): float(probabilities[i]) for i in torch.nonzero(probabilities > 0).flatten()}
+        sampling.append(dict(settings=settings, probabilities=kept))
+
     reference_dir = out / "reference"
     reference_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.float().contiguous() for k, v in tensors.items()}, reference_dir / f"{name}.safetensors")
@@ -591,6 +641,7 @@ def record(name: str, spec: dict, tokenizer, out: Path, seed: int) -> None:
         eos_token_ids=eos_ids,
         logits_prompts=["", PROMPTS[0]],
         items_run_alone=items_alone,
+        sampling=sampling,
         cases=cases,
     )
     (reference_dir / f"{name}.json").write_text(json.dumps(meta, indent=1) + "\n")

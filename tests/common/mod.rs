@@ -47,6 +47,21 @@ pub struct GenerationCase {
     pub scores: Option<Vec<Vec<f32>>>,
 }
 
+/// Warper settings of a recorded sampling distribution.
+#[derive(Debug, Deserialize)]
+pub struct SamplingSettings {
+    pub temperature: f32,
+    pub top_k: usize,
+    pub top_p: f32,
+}
+
+/// transformers' next-token distribution after its sampling warpers.
+#[derive(Debug, Deserialize)]
+pub struct SamplingCase {
+    pub settings: SamplingSettings,
+    pub probabilities: HashMap<String, f32>,
+}
+
 /// The JSON half of a fixture model's reference.
 #[derive(Debug, Deserialize)]
 pub struct Reference {
@@ -55,6 +70,7 @@ pub struct Reference {
     pub eos_token_ids: Vec<u32>,
     pub logits_prompts: Vec<String>,
     pub cases: Vec<GenerationCase>,
+    pub sampling: Vec<SamplingCase>,
 }
 
 pub fn reference(name: &str) -> Reference {

@@ -74,6 +74,27 @@ pub struct DecodingArgs {
     /// Beam search stops an image once --num-beams texts are finished.
     #[arg(long)]
     pub early_stopping: bool,
+
+    /// Sample tokens instead of searching (nucleus sampling with --top-p, --top-k,
+    /// --temperature; seeded by --seed, so runs repeat).
+    #[arg(long)]
+    pub sample: bool,
+
+    /// Softmax temperature when sampling (below 1 is more conservative).
+    #[arg(long, requires = "sample")]
+    pub temperature: Option<f32>,
+
+    /// Sample only among the this many most likely tokens (0 disables; default 50).
+    #[arg(long, requires = "sample")]
+    pub top_k: Option<usize>,
+
+    /// Sample only among the most likely tokens whose probabilities add up to this (0 to 1).
+    #[arg(long, requires = "sample")]
+    pub top_p: Option<f32>,
+
+    /// Seed of the sampler's random numbers.
+    #[arg(long, default_value_t = 0, requires = "sample")]
+    pub seed: u64,
 }
 
 impl DecodingArgs {
@@ -104,10 +125,38 @@ impl DecodingArgs {
         if self.early_stopping {
             options.early_stopping = EarlyStopping::Always;
         }
+        if self.sample {
+            options.do_sample = true;
+            options.seed = self.seed;
+        }
+        if let Some(v) = self.temperature {
+            options.temperature = v;
+        }
+        if let Some(v) = self.top_k {
+            options.top_k = v;
+        }
+        if let Some(v) = self.top_p {
+            options.top_p = v;
+        }
         options
             .validate()
             .map_err(|message| anyhow::anyhow!("invalid decoding options: {message}"))?;
         Ok(options)
+    }
+}
+
+/// The prompt around questions.
+#[derive(Debug, Args)]
+pub struct QuestionArgs {
+    /// Prompt template; `{}` is replaced by the question.
+    #[arg(long, default_value = blip2_pipeline::DEFAULT_QUESTION_TEMPLATE)]
+    pub template: String,
+}
+
+impl QuestionArgs {
+    /// The checked template.
+    pub fn template(&self) -> anyhow::Result<blip2_pipeline::QuestionTemplate> {
+        Ok(blip2_pipeline::QuestionTemplate::new(&self.template)?)
     }
 }
 
@@ -127,5 +176,10 @@ impl ImageArgs {
             apply_exif_orientation: !self.no_exif_orientation,
             ..Default::default()
         }
+    }
+
+    /// Decodes one image file.
+    pub fn load(&self, path: &std::path::Path) -> anyhow::Result<blip2_image::RgbImage> {
+        Ok(blip2_image::load_image(path, &self.load_options())?)
     }
 }

@@ -1,11 +1,13 @@
 //! `blip2`: caption images and answer questions about them with BLIP-2 checkpoints.
 
 mod args;
+mod ask;
 mod caption;
+mod chat;
 
 use clap::{Parser, Subcommand};
 
-/// BLIP-2 vision-language models on the CPU: caption photos, with or without a prompt.
+/// BLIP-2 vision-language models on the CPU: caption photos and answer questions about them.
 #[derive(Debug, Parser)]
 #[command(name = "blip2", version, about, long_about = None)]
 struct Cli {
@@ -22,6 +24,10 @@ struct Cli {
 enum Command {
     /// Caption images (or continue a prompt about each image).
     Caption(caption::CaptionArgs),
+    /// Answer a question about an image.
+    Ask(ask::AskArgs),
+    /// Hold a conversation about an image, one question per line of standard input.
+    Chat(chat::ChatArgs),
 }
 
 fn init_logging(verbose: u8) {
@@ -43,6 +49,8 @@ fn main() -> std::process::ExitCode {
     init_logging(cli.verbose);
     let result = match cli.command {
         Command::Caption(args) => caption::run(args),
+        Command::Ask(args) => ask::run(args),
+        Command::Chat(args) => chat::run(args),
     };
     match result {
         Ok(code) => code,

@@ -19,6 +19,7 @@
 
 #![warn(missing_docs)]
 
+mod chat;
 pub mod checkpoint;
 mod config;
 mod error;
@@ -28,6 +29,7 @@ mod pipeline;
 mod tokenizer;
 
 pub use blip2_lm::generation::{EarlyStopping, GenerationConfig, GenerationOptions};
+pub use chat::{Answer, Conversation, DEFAULT_QUESTION_TEMPLATE, QuestionTemplate, TextStreamer};
 pub use checkpoint::CheckpointFiles;
 pub use config::Blip2Config;
 pub use error::{Error, Result};

@@ -34,6 +34,7 @@ pub struct Blip2Model {
     language_model: Box<dyn LanguageModel>,
     config: Blip2Config,
     dtype: DType,
+    images_encoded: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for Blip2Model {
@@ -145,11 +146,15 @@ impl Blip2Model {
             language_model,
             config: config.clone(),
             dtype,
+            images_encoded: Default::default(),
         })
     }
 
     /// Runs the image side on `pixel_values` `[batch, 3, height, width]`.
     pub fn encode_images(&self, pixel_values: &Tensor) -> Result<ImageFeatures> {
+        let batch = pixel_values.dim(0)?;
+        self.images_encoded
+            .fetch_add(batch, std::sync::atomic::Ordering::Relaxed);
         let vision = self.vision.encode(&pixel_values.to_dtype(self.dtype)?)?;
         let queries = self.qformer.query_features(&self.query_tokens, &vision)?;
         let projection = self
@@ -180,6 +185,12 @@ impl Blip2Model {
         Ok(flat
             .narrow(1, 0, queries * width)?
             .reshape((batch, queries, width))?)
+    }
+
+    /// How many images the vision encoder has processed since loading.
+    pub fn images_encoded(&self) -> usize {
+        self.images_encoded
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The language model.

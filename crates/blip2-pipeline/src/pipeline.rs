@@ -175,6 +175,99 @@ impl Blip2 {
         self.model.encode_images(pixel_values)
     }
 
+    /// The prompt's token ids. Without a prompt, transformers starts decoder-only models
+    /// from BOS alone; an encoder-decoder has no BOS and encodes the empty text (its
+    /// end-of-sequence token).
+    fn prompt_ids(&self, prompt: &str) -> Result<Vec<u32>> {
+        match self.model.config().text_config.bos_token_id() {
+            Some(bos) if prompt.is_empty() && !self.model.language_model().is_encoder_decoder() => {
+                Ok(vec![bos])
+            }
+            _ => self.tokenizer.encode(prompt),
+        }
+    }
+
+    /// Checks that a prompt of `prompt_tokens` tokens, the image queries and
+    /// `max_new_tokens` fit the language model's positions.
+    fn check_length(&self, prompt_tokens: usize, options: &GenerationOptions) -> Result<()> {
+        let Some(limit) = self.model.language_model().max_sequence_length() else {
+            return Ok(());
+        };
+        let queries = self.model.config().num_query_tokens;
+        let needed = queries + prompt_tokens + options.max_new_tokens.saturating_sub(1);
+        if needed > limit {
+            return Err(Error::InvalidRequest(format!(
+                "the prompt has {prompt_tokens} tokens; with the {queries} image queries and max_new_tokens {} \
+                 the model would need {needed} positions but has {limit}; shorten the prompt or lower max_new_tokens",
+                options.max_new_tokens
+            )));
+        }
+        Ok(())
+    }
+
+    /// Checks that `prompt` fits the language model's positions with `options`.
+    pub fn check_prompt_fits(&self, prompt: &str, options: &GenerationOptions) -> Result<()> {
+        self.check_length(self.prompt_ids(prompt)?.len(), options)
+    }
+
+    /// Generates for one encoded image (a batch of one) and `prompt`, passing the text
+    /// to `on_text` as it is decoded; beam search, which settles the text only at the
+    /// end, passes it in one piece.
+    pub fn generate_streaming(
+        &self,
+        features: &ImageFeatures,
+        prompt: &str,
+        options: &GenerationOptions,
+        mut on_text: Option<&mut dyn FnMut(&str)>,
+    ) -> Result<Caption> {
+        let batch = features.language_inputs.dim(0)?;
+        if batch != 1 {
+            return Err(Error::InvalidRequest(format!(
+                "streaming takes one image, got {batch}"
+            )));
+        }
+        let mut streamer = crate::chat::TextStreamer::new(&self.tokenizer);
+        let mut stream_error = None;
+        let mut streamed = false;
+        let mut on_token = |_item: usize, token: u32| match streamer.push(token) {
+            Ok(Some(piece)) => {
+                streamed = true;
+                if let Some(callback) = on_text.as_deref_mut() {
+                    callback(&piece);
+                }
+            }
+            Ok(None) => {}
+            Err(error) => stream_error = Some(error),
+        };
+        let mut results =
+            self.generate_from_features(features, &[prompt], options, Some(&mut on_token))?;
+        if let Some(error) = stream_error {
+            return Err(error);
+        }
+        let caption = results
+            .pop()
+            .and_then(|mut sequences| (!sequences.is_empty()).then(|| sequences.remove(0)))
+            .ok_or_else(|| Error::InvalidRequest("generation returned no sequence".into()))?;
+        if let Some(callback) = on_text {
+            if !streamed {
+                callback(&caption.text);
+            } else if let Some(rest) = streamer.finish()? {
+                callback(&rest);
+            }
+        }
+        Ok(caption)
+    }
+
+    /// Answers one question about `image`, wrapped in [`crate::DEFAULT_QUESTION_TEMPLATE`].
+    pub fn ask(
+        &self,
+        image: &RgbImage,
+        question: &str,
+        options: &GenerationOptions,
+    ) -> Result<crate::Answer> {
+        crate::Conversation::new(self, image)?.ask(question, options, None)
+    }
+
     /// Builds the language model input for one image: its projected queries followed
     /// by the embedded prompt, and the token sequence the reference's processors see.
     fn prompt_input(
@@ -185,24 +278,9 @@ impl Blip2 {
     ) -> Result<PromptInput> {
         let config = self.model.config();
         let lm = self.model.language_model();
-        // Without a prompt, transformers starts decoder-only models from BOS alone; an
-        // encoder-decoder has no BOS and encodes the empty text (its end-of-sequence token).
-        let ids = match config.text_config.bos_token_id() {
-            Some(bos) if prompt.is_empty() && !lm.is_encoder_decoder() => vec![bos],
-            _ => self.tokenizer.encode(prompt)?,
-        };
+        let ids = self.prompt_ids(prompt)?;
         let queries = language_inputs.dim(0)?;
-        if let Some(limit) = lm.max_sequence_length() {
-            let needed = queries + ids.len() + options.max_new_tokens - 1;
-            if needed > limit {
-                return Err(Error::InvalidRequest(format!(
-                    "the prompt has {} tokens; with the {queries} image queries and max_new_tokens {} the model \
-                     would need {needed} positions but has {limit}; shorten the prompt or lower max_new_tokens",
-                    ids.len(),
-                    options.max_new_tokens
-                )));
-            }
-        }
+        self.check_length(ids.len(), options)?;
         let token_ids = Tensor::from_vec(ids.clone(), (1, ids.len()), &self.device)?;
         let token_embeds = lm.embed_tokens(&token_ids)?.squeeze(0)?;
         let embeds = Tensor::cat(&[&language_inputs.to_dtype(lm.dtype())?, &token_embeds], 0)?;

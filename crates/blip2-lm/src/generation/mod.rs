@@ -71,6 +71,24 @@ pub fn generate(
     }
 }
 
+/// The probability of each next token when sampling: the logits processors and the
+/// sampling warpers (temperature, top-k, top-p) applied to `logits`, then softmax.
+///
+/// `sequence` and `generated` are as for the processors: the tokens the reference's
+/// `input_ids` holds at this step and how many of them were generated. Tokens the
+/// filters remove have probability 0.
+pub fn next_token_distribution(
+    options: &GenerationOptions,
+    sequence: &[u32],
+    generated: usize,
+    logits: &[f32],
+) -> Vec<f32> {
+    let mut scores = logits.to_vec();
+    processors::process(options, sequence, generated, &mut scores);
+    processors::warp_for_sampling(options, 1, &mut scores);
+    processors::softmax(&scores)
+}
+
 /// Runs the prompts through the model and returns the `f32` logits `[batch, vocab]` of
 /// the first token to generate.
 pub fn first_logits(model: &dyn LanguageModel, prompts: &[PromptInput]) -> Result<Tensor> {

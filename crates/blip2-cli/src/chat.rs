@@ -1,0 +1,111 @@
+//! `blip2 chat`: a conversation about one image, one question per line of standard input.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use blip2_pipeline::Conversation;
+use clap::Args;
+
+use crate::args::{DecodingArgs, ImageArgs, ModelArgs, QuestionArgs};
+use crate::ask::{JsonAnswer, print_piece};
+
+/// Arguments of `blip2 chat`.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Type a question and press Enter; earlier questions and answers are part of \
+the prompt. /reset forgets them, /quit or end of input (Ctrl-D) leaves."
+)]
+pub struct ChatArgs {
+    /// The image file; it is encoded once for the whole conversation.
+    pub image: PathBuf,
+
+    /// Print one JSON object per answer instead of streaming the text.
+    #[arg(long)]
+    pub json: bool,
+
+    #[command(flatten)]
+    pub question_args: QuestionArgs,
+
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    #[command(flatten)]
+    pub decoding: DecodingArgs,
+
+    #[command(flatten)]
+    pub image_args: ImageArgs,
+}
+
+/// Runs `blip2 chat` until `/quit` or the end of standard input.
+pub fn run(args: ChatArgs) -> anyhow::Result<ExitCode> {
+    let image = args.image_args.load(&args.image)?;
+    let blip2 = args.model.load()?;
+    let options = args.decoding.options(&blip2)?;
+    let mut conversation = Conversation::new(&blip2, &image)?;
+    conversation.set_template(args.question_args.template()?);
+
+    let interactive = std::io::stdin().is_terminal();
+    let prompt = || {
+        if interactive {
+            eprint!("> ");
+            let _ = std::io::stderr().flush();
+        }
+    };
+    prompt();
+    for line in std::io::stdin().lock().lines() {
+        let line = line?;
+        let question = line.trim();
+        match question {
+            "" => eprintln!("(empty question skipped; /quit or Ctrl-D leaves)"),
+            "/quit" | "/exit" => break,
+            "/reset" => {
+                conversation.reset();
+                eprintln!("(conversation reset; the image stays loaded)");
+            }
+            _ => ask_one(&mut conversation, question, &options, args.json),
+        }
+        prompt();
+    }
+    if interactive {
+        eprintln!();
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Answers one question; errors are reported and the conversation goes on.
+fn ask_one(
+    conversation: &mut Conversation<'_>,
+    question: &str,
+    options: &blip2_pipeline::GenerationOptions,
+    json: bool,
+) {
+    let result = if json {
+        conversation.ask(question, options, None).inspect(|answer| {
+            let line = JsonAnswer {
+                question,
+                answer: &answer.text,
+                token_ids: &answer.token_ids,
+                dropped_turns: answer.dropped_turns,
+            };
+            println!("{}", serde_json::to_string(&line).unwrap_or_default());
+        })
+    } else {
+        let mut print = |piece: &str| print_piece(piece);
+        let result = conversation.ask(question, options, Some(&mut print));
+        if result.is_ok() {
+            println!();
+        }
+        result
+    };
+    match result {
+        Ok(answer) if answer.dropped_turns > 0 => {
+            eprintln!(
+                "(the {} oldest turns were left out to fit the model's context)",
+                answer.dropped_turns
+            );
+        }
+        Ok(_) => {}
+        Err(error) => eprintln!("error: {error}"),
+    }
+}

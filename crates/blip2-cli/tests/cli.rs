@@ -1,0 +1,333 @@
+//! The `blip2` binary end to end on the fixture checkpoints: output formats, bad
+//! inputs in a batch, and chat sessions driven through standard input.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn model(name: &str) -> String {
+    repo()
+        .join("tests/fixtures/models")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+fn photo(name: &str) -> String {
+    repo().join("images").join(name).display().to_string()
+}
+
+fn blip2(args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_blip2"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .env("HF_HUB_OFFLINE", "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the blip2 binary starts");
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+    }
+    drop(child.stdin.take());
+    child.wait_with_output().unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn caption_json_reports_bad_files_and_captions_the_rest() {
+    let temp = tempfile::tempdir().unwrap();
+    let not_image = temp.path().join("notes.png");
+    std::fs::write(&not_image, "just text").unwrap();
+    let empty = temp.path().join("empty.jpg");
+    std::fs::write(&empty, b"").unwrap();
+    let missing = temp.path().join("missing.png");
+    let truncated = temp.path().join("truncated.png");
+    let bytes = std::fs::read(repo().join("images/chelsea.png")).unwrap();
+    std::fs::write(&truncated, &bytes[..bytes.len() / 3]).unwrap();
+
+    let chelsea = photo("chelsea.png");
+    let rocket = photo("rocket.jpg");
+    let paths = [
+        chelsea.as_str(),
+        not_image.to_str().unwrap(),
+        empty.to_str().unwrap(),
+        rocket.as_str(),
+        missing.to_str().unwrap(),
+        truncated.to_str().unwrap(),
+    ];
+    let model_path = model("opt-tiny");
+    let mut args = vec![
+        "caption",
+        "--model",
+        &model_path,
+        "--json",
+        "--max-new-tokens",
+        "12",
+        "--batch-size",
+        "2",
+    ];
+    args.extend(paths);
+    let output = blip2(&args, None);
+    assert!(
+        !output.status.success(),
+        "bad images make the exit status non-zero"
+    );
+    let stdout = text(&output.stdout);
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        lines.len(),
+        paths.len(),
+        "one JSON line per image: {stdout}"
+    );
+    for (line, path) in lines.iter().zip(paths) {
+        assert_eq!(line["image"], path);
+    }
+    assert_eq!(
+        lines[0]["token_ids"],
+        serde_json::json!([185, 46, 180]),
+        "chelsea caption tokens (reference)"
+    );
+    assert!(
+        lines[3]["caption"].is_string(),
+        "rocket.jpg is captioned: {}",
+        lines[3]
+    );
+    for index in [1, 2, 4, 5] {
+        assert!(
+            lines[index]["error"].is_string(),
+            "item {index} reports an error: {}",
+            lines[index]
+        );
+        assert!(lines[index].get("caption").is_none());
+    }
+    assert!(
+        lines[1]["error"]
+            .as_str()
+            .unwrap()
+            .contains("not a supported image")
+    );
+    assert!(lines[2]["error"].as_str().unwrap().contains("empty"));
+    assert!(lines[4]["error"].as_str().unwrap().contains("not found"));
+    assert!(text(&output.stderr).contains("4 of 6 images could not be captioned"));
+}
+
+#[test]
+fn caption_plain_text_with_prompt_and_beams() {
+    let model_path = model("opt-postln");
+    let chelsea = photo("chelsea.png");
+    let output = blip2(
+        &[
+            "caption",
+            &chelsea,
+            "--model",
+            &model_path,
+            "--prompt",
+            "a photo of",
+            "--num-beams",
+            "3",
+            "--num-return-sequences",
+            "2",
+            "--max-new-tokens",
+            "9",
+            "--json",
+        ],
+        None,
+    );
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let line: serde_json::Value = serde_json::from_str(text(&output.stdout).trim()).unwrap();
+    assert_eq!(line["alternatives"].as_array().unwrap().len(), 2);
+    assert!(line["score"].is_number());
+}
+
+#[test]
+fn invalid_options_are_explained() {
+    let model_path = model("opt-tiny");
+    let chelsea = photo("chelsea.png");
+    let output = blip2(
+        &[
+            "caption",
+            &chelsea,
+            "--model",
+            &model_path,
+            "--num-beams",
+            "2",
+            "--num-return-sequences",
+            "3",
+        ],
+        None,
+    );
+    assert!(!output.status.success());
+    assert!(
+        text(&output.stderr).contains("num_return_sequences"),
+        "{}",
+        text(&output.stderr)
+    );
+
+    let output = blip2(
+        &[
+            "ask",
+            &chelsea,
+            "why?",
+            "--model",
+            &model_path,
+            "--top-p",
+            "0.5",
+        ],
+        None,
+    );
+    assert!(!output.status.success());
+    assert!(
+        text(&output.stderr).contains("--sample"),
+        "{}",
+        text(&output.stderr)
+    );
+
+    let output = blip2(
+        &[
+            "ask",
+            &chelsea,
+            "why?",
+            "--model",
+            &model_path,
+            "--template",
+            "no placeholder",
+        ],
+        None,
+    );
+    assert!(!output.status.success());
+    assert!(
+        text(&output.stderr).contains("{}"),
+        "{}",
+        text(&output.stderr)
+    );
+
+    let output = blip2(
+        &["caption", &chelsea, "--model", "/nonexistent/model"],
+        None,
+    );
+    assert!(!output.status.success());
+    assert!(
+        text(&output.stderr).contains("/nonexistent/model"),
+        "{}",
+        text(&output.stderr)
+    );
+}
+
+#[test]
+fn ask_prints_answer_and_json() {
+    let model_path = model("flan-t5-tiny");
+    let chelsea = photo("chelsea.png");
+    let streamed = blip2(
+        &[
+            "ask",
+            &chelsea,
+            "what is the cat lying on?",
+            "--model",
+            &model_path,
+            "--max-new-tokens",
+            "8",
+        ],
+        None,
+    );
+    assert!(streamed.status.success(), "{}", text(&streamed.stderr));
+    let json = blip2(
+        &[
+            "ask",
+            &chelsea,
+            "what is the cat lying on?",
+            "--model",
+            &model_path,
+            "--max-new-tokens",
+            "8",
+            "--json",
+        ],
+        None,
+    );
+    let line: serde_json::Value = serde_json::from_str(text(&json.stdout).trim()).unwrap();
+    assert_eq!(
+        text(&streamed.stdout).trim_end_matches('\n'),
+        line["answer"].as_str().unwrap()
+    );
+    assert_eq!(line["question"], "what is the cat lying on?");
+    assert!(!line["token_ids"].as_array().unwrap().is_empty());
+}
+
+#[test]
+fn chat_through_piped_stdin() {
+    let model_path = model("opt-tiny");
+    let chelsea = photo("chelsea.png");
+    let overlong = "a photo of a cat ".repeat(40);
+    let input = format!("what is this?\n\nand the color?\n{overlong}\n/reset\nwhat is this?\n");
+    let output = blip2(
+        &[
+            "chat",
+            &chelsea,
+            "--model",
+            &model_path,
+            "--max-new-tokens",
+            "4",
+            "--json",
+        ],
+        Some(&input),
+    );
+    assert!(
+        output.status.success(),
+        "end of input ends the chat cleanly: {}",
+        text(&output.stderr)
+    );
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("empty question skipped"), "{stderr}");
+    assert!(
+        stderr.contains("positions"),
+        "the overlong question is reported: {stderr}"
+    );
+    assert!(stderr.contains("conversation reset"), "{stderr}");
+    let answers: Vec<serde_json::Value> = text(&output.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        answers.len(),
+        3,
+        "three questions are answered: {answers:?}"
+    );
+    assert_eq!(
+        answers[0]["answer"], answers[2]["answer"],
+        "after /reset the first question is answered as before"
+    );
+    assert_eq!(answers[1]["question"], "and the color?");
+
+    let quit = blip2(
+        &[
+            "chat",
+            &chelsea,
+            "--model",
+            &model_path,
+            "--max-new-tokens",
+            "2",
+        ],
+        Some("/quit\nnever asked\n"),
+    );
+    assert!(quit.status.success());
+    assert!(
+        text(&quit.stdout).is_empty(),
+        "nothing is answered after /quit"
+    );
+}
