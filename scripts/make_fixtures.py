@@ -58,10 +58,11 @@ if FOUND != PINNED:
     sys.exit(f"make_fixtures.py needs {PINNED}, found {FOUND}; install scripts/requirements.txt")
 
 from safetensors.torch import load_file, save_file  # noqa: E402
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers  # noqa: E402
 from transformers import (  # noqa: E402
     Blip2Config,
     Blip2ForConditionalGeneration,
+    Blip2ForImageTextRetrieval,
     Blip2Processor,
     PreTrainedTokenizerFast,
 )
@@ -662,6 +663,155 @@ def check_processor_round_trip(out: Path) -> None:
     assert encoded["input_ids"][0].tolist() == [meta["image_token_id"]] * nq + processor.tokenizer(PROMPTS[0]).input_ids
 
 
+# Image-text retrieval checkpoints (`Blip2ForImageTextRetrieval`, like Salesforce/blip2-itm-vit-g):
+# no language model; a BERT WordPiece tokenizer, Q-Former text embeddings, projections to the
+# shared embedding space and the matching head.
+RETRIEVAL_MODELS = {
+    "itm-tiny": dict(
+        vision=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                    image_size=42, patch_size=14),
+        qformer=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                     cross_attention_frequency=2, max_position_embeddings=40, use_qformer_text_input=True),
+        num_query_tokens=6,
+        image_text_hidden_size=16,
+        # Like the transformers 5 processors: `<image>` placeholders in front of the text ids.
+        image_tokens=True,
+        processor_file="processor_config.json",
+    ),
+    "itm-wide": dict(
+        vision=dict(hidden_size=24, intermediate_size=40, num_hidden_layers=3, num_attention_heads=3,
+                    image_size=28, patch_size=14, layer_norm_eps=1e-5),
+        qformer=dict(hidden_size=36, intermediate_size=50, num_hidden_layers=3, num_attention_heads=6,
+                     cross_attention_frequency=1, max_position_embeddings=48, use_qformer_text_input=True,
+                     layer_norm_eps=1e-6),
+        num_query_tokens=4,
+        image_text_hidden_size=12,
+        image_tokens=False,
+        processor_file="preprocessor_config.json",
+    ),
+}
+
+RETRIEVAL_TEXTS = [
+    "a tabby cat lying on a red blanket",
+    "a rocket on the launch pad",
+    "a cup of coffee",
+    "an astronaut with the american flag in an orange suit",
+    "a man",
+]
+
+
+def build_bert_tokenizer() -> PreTrainedTokenizerFast:
+    """A lower-casing WordPiece tokenizer with BERT's special tokens and [CLS] ... [SEP]."""
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=300, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], show_progress=False
+    )
+    tokenizer.train_from_iterator([line for line in CORPUS if line] * 4, trainer)
+    tokenizer.post_processor = processors.BertProcessing(
+        ("[SEP]", tokenizer.token_to_id("[SEP]")), ("[CLS]", tokenizer.token_to_id("[CLS]"))
+    )
+    tokenizer.decoder = decoders.WordPiece()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]",
+        cls_token="[CLS]", mask_token="[MASK]",
+    )
+    fast.padding_side = "right"
+    return fast
+
+
+def record_retrieval(name: str, spec: dict, out: Path, seed: int) -> None:
+    tokenizer = build_bert_tokenizer()
+    model_dir = out / "models" / name
+    image_token_id = len(tokenizer)
+    qformer = dict(spec["qformer"], vocab_size=image_token_id + 2, pad_token_id=tokenizer.pad_token_id)
+    config = Blip2Config(
+        vision_config=spec["vision"],
+        qformer_config=qformer,
+        num_query_tokens=spec["num_query_tokens"],
+        image_text_hidden_size=spec["image_text_hidden_size"],
+        image_token_index=image_token_id if spec["image_tokens"] else None,
+    )
+    torch.manual_seed(seed)
+    model = Blip2ForImageTextRetrieval(config).eval()
+    randomize(model, torch.Generator().manual_seed(seed))
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    model_dir.mkdir(parents=True)
+    model.save_pretrained(model_dir)
+    size = spec["vision"]["image_size"]
+    image_processor = BlipImageProcessorPil(size={"height": size, "width": size})
+    processor = Blip2Processor(image_processor=image_processor, tokenizer=tokenizer,
+                               num_query_tokens=spec["num_query_tokens"] if spec["image_tokens"] else None)
+    processor.save_pretrained(model_dir)
+    if spec["processor_file"] == "preprocessor_config.json":
+        (model_dir / "processor_config.json").unlink()
+        image_processor.to_json_file(model_dir / "preprocessor_config.json")
+    model = Blip2ForImageTextRetrieval.from_pretrained(model_dir).eval()
+    check_layout_loads(model_dir, model, dict(layout="qkv_bias"))
+
+    pixel_values = image_inputs(model_dir)
+    encoded = tokenizer(RETRIEVAL_TEXTS, padding=True, return_tensors="pt")
+    input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
+    if spec["image_tokens"]:
+        placeholders = torch.full((len(RETRIEVAL_TEXTS), spec["num_query_tokens"]), image_token_id)
+        input_ids = torch.cat([placeholders, input_ids], dim=1)
+        attention_mask = torch.cat([torch.ones_like(placeholders), attention_mask], dim=1)
+    tensors = {"pixel_values": pixel_values}
+    with torch.no_grad():
+        vision = model.vision_model(pixel_values).last_hidden_state
+        queries = model.qformer(
+            query_embeds=model.query_tokens.expand(len(PHOTOS), -1, -1),
+            encoder_hidden_states=vision,
+            encoder_attention_mask=torch.ones(vision.shape[:-1], dtype=torch.long),
+        ).last_hidden_state
+        contrastive = model(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask)
+        tensors.update(
+            vision_last_hidden_state=vision,
+            qformer_last_hidden_state=queries,
+            image_embeds=contrastive.image_embeds,
+            text_embeds=contrastive.text_embeds,
+            itc_similarity=contrastive.logits_per_image,
+        )
+        itm_logits = []
+        for i in range(len(PHOTOS)):
+            pixels = pixel_values[i : i + 1].expand(len(RETRIEVAL_TEXTS), -1, -1, -1)
+            matching = model(pixel_values=pixels, input_ids=input_ids, attention_mask=attention_mask,
+                             use_image_text_matching_head=True)
+            itm_logits.append(matching.logits_per_image)
+        itm_logits = torch.stack(itm_logits)  # [image, text, 2]
+        tensors["itm_logits"] = itm_logits
+        tensors["itm_probability"] = torch.softmax(itm_logits, dim=-1)[..., 1]
+
+    # Rankings of the photos for each text: by contrastive similarity, and re-ranked as the original
+    # BLIP-2 retrieval evaluation does (matching-head logit of "match", averaged over the queries,
+    # plus the contrastive similarity).
+    itc = tensors["itc_similarity"]
+    rerank = tensors["itm_logits"][..., 1] + itc
+    rankings = [
+        dict(text=text, itc=torch.argsort(itc[:, t], descending=True).tolist(),
+             rerank=torch.argsort(rerank[:, t], descending=True).tolist())
+        for t, text in enumerate(RETRIEVAL_TEXTS)
+    ]
+    for t in range(len(RETRIEVAL_TEXTS)):
+        gaps = torch.sort(itc[:, t], descending=True).values
+        assert (gaps[:-1] - gaps[1:]).min() > 1e-4, f"{name}: near-tie in the ranking for text {t}"
+
+    reference_dir = out / "reference"
+    reference_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.float().contiguous() for k, v in tensors.items()}, reference_dir / f"{name}.safetensors")
+    meta = dict(
+        model=name,
+        photos=PHOTOS,
+        texts=RETRIEVAL_TEXTS,
+        text_ids=[ids[: int(m.sum())] for ids, m in zip(encoded["input_ids"].tolist(), encoded["attention_mask"])],
+        rankings=rankings,
+    )
+    (reference_dir / f"{name}.json").write_text(json.dumps(meta, indent=1) + "\n")
+    print(f"{name}: retrieval reference")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=REPO / "tests" / "fixtures")
@@ -671,6 +821,8 @@ def main() -> None:
         # A fresh tokenizer each time: the processor adds `<image>` to the one it is given.
         record(name, spec, build_tokenizer(spec["family"]), args.out, seed=1000 + index)
     check_processor_round_trip(args.out)
+    for index, (name, spec) in enumerate(RETRIEVAL_MODELS.items()):
+        record_retrieval(name, spec, args.out, seed=2000 + index)
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ fn stages_match_reference() {
         );
         assert_close(
             &format!("{name} projection"),
-            &features.projection,
+            features.projection.as_ref().unwrap(),
             &expected["language_projection"],
             1e-4,
         );

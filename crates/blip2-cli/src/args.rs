@@ -8,9 +8,11 @@ use clap::Args;
 #[derive(Debug, Args)]
 pub struct ModelArgs {
     /// A checkpoint directory, or a Hugging Face hub id that is downloaded into the
-    /// standard cache (HF_HOME, HF_ENDPOINT and HF_HUB_OFFLINE are honoured).
-    #[arg(long, default_value = "Salesforce/blip2-opt-2.7b")]
-    pub model: String,
+    /// standard cache (HF_HOME, HF_ENDPOINT and HF_HUB_OFFLINE are honoured). Default:
+    /// Salesforce/blip2-opt-2.7b for caption, ask and chat; Salesforce/blip2-itm-vit-g
+    /// for embed, match, classify and index; the index's own model for search.
+    #[arg(long)]
+    pub model: Option<String>,
 
     /// Dtype of the vision encoder and language model: f32, bf16 or f16 (the Q-Former
     /// always runs in f32). Weights are converted once at load time.
@@ -23,8 +25,14 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
-    /// Sets the thread count and loads the checkpoint.
-    pub fn load(&self) -> anyhow::Result<Blip2> {
+    /// The checkpoint to load: `--model`, else `default`.
+    pub fn name<'a>(&'a self, default: &'a str) -> &'a str {
+        self.model.as_deref().unwrap_or(default)
+    }
+
+    /// Sets the thread count and loads `--model`, or `default` without it.
+    pub fn load(&self, default: &str) -> anyhow::Result<Blip2> {
+        let model = self.name(default);
         if let Some(threads) = self.threads {
             anyhow::ensure!(threads > 0, "--threads must be at least 1");
             // candle sizes its thread pools from this variable when they are first used,
@@ -35,10 +43,15 @@ impl ModelArgs {
             dtype: parse_dtype(&self.dtype)?,
             ..LoadOptions::default()
         };
-        Blip2::from_pretrained(&self.model, &options)
-            .with_context(|| format!("cannot load model {}", self.model))
+        Blip2::from_pretrained(model, &options)
+            .with_context(|| format!("cannot load model {model}"))
     }
 }
+
+/// The default checkpoint of the commands that generate text.
+pub const DEFAULT_CAPTION_MODEL: &str = "Salesforce/blip2-opt-2.7b";
+/// The default checkpoint of the commands that embed and match.
+pub const DEFAULT_RETRIEVAL_MODEL: &str = "Salesforce/blip2-itm-vit-g";
 
 /// Decoding settings; unset ones come from the checkpoint's generation_config.json.
 #[derive(Debug, Args)]

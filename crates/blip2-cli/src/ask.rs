@@ -60,7 +60,7 @@ pub fn print_piece(piece: &str) {
 /// Runs `blip2 ask`.
 pub fn run(args: AskArgs) -> anyhow::Result<ExitCode> {
     let image = args.image_args.load(&args.image)?;
-    let blip2 = args.model.load()?;
+    let blip2 = args.model.load(crate::args::DEFAULT_CAPTION_MODEL)?;
     let options = args.decoding.options(&blip2)?;
     let mut conversation = Conversation::new(&blip2, &image)?;
     conversation.set_template(args.question_args.template()?);

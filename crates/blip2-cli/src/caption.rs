@@ -182,7 +182,7 @@ fn caption_batch(
 
 /// Runs `blip2 caption`; exits with failure when any image could not be captioned.
 pub fn run(args: CaptionArgs) -> anyhow::Result<ExitCode> {
-    let blip2 = args.model.load()?;
+    let blip2 = args.model.load(crate::args::DEFAULT_CAPTION_MODEL)?;
     let options = args.decoding.options(&blip2)?;
     let several = args.images.len() > 1;
     let progress = (several && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {

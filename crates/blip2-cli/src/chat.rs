@@ -40,7 +40,7 @@ pub struct ChatArgs {
 /// Runs `blip2 chat` until `/quit` or the end of standard input.
 pub fn run(args: ChatArgs) -> anyhow::Result<ExitCode> {
     let image = args.image_args.load(&args.image)?;
-    let blip2 = args.model.load()?;
+    let blip2 = args.model.load(crate::args::DEFAULT_CAPTION_MODEL)?;
     let options = args.decoding.options(&blip2)?;
     let mut conversation = Conversation::new(&blip2, &image)?;
     conversation.set_template(args.question_args.template()?);

@@ -4,10 +4,14 @@ mod args;
 mod ask;
 mod caption;
 mod chat;
+mod embed;
+mod matching;
+mod photos;
 
 use clap::{Parser, Subcommand};
 
-/// BLIP-2 vision-language models on the CPU: caption photos and answer questions about them.
+/// BLIP-2 vision-language models on the CPU: caption photos, answer questions about them,
+/// match them with texts and search photo collections.
 #[derive(Debug, Parser)]
 #[command(name = "blip2", version, about, long_about = None)]
 struct Cli {
@@ -28,6 +32,16 @@ enum Command {
     Ask(ask::AskArgs),
     /// Hold a conversation about an image, one question per line of standard input.
     Chat(chat::ChatArgs),
+    /// Save image (and text) features and embeddings to a file.
+    Embed(embed::EmbedArgs),
+    /// Score how well texts describe an image (matching probability and similarity).
+    Match(matching::MatchArgs),
+    /// Score labels against images, for sorting and moderation.
+    Classify(matching::ClassifyArgs),
+    /// Build or update a searchable index of a photo folder.
+    Index(photos::IndexArgs),
+    /// Find photos in an index by a text description.
+    Search(photos::SearchArgs),
 }
 
 fn init_logging(verbose: u8) {
@@ -51,6 +65,11 @@ fn main() -> std::process::ExitCode {
         Command::Caption(args) => caption::run(args),
         Command::Ask(args) => ask::run(args),
         Command::Chat(args) => chat::run(args),
+        Command::Embed(args) => embed::run(args),
+        Command::Match(args) => matching::run_match(args),
+        Command::Classify(args) => matching::run_classify(args),
+        Command::Index(args) => photos::run_index(args),
+        Command::Search(args) => photos::run_search(args),
     };
     match result {
         Ok(code) => code,

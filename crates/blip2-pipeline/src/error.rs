@@ -102,6 +102,15 @@ pub enum Error {
     #[error("invalid request: {0}")]
     InvalidRequest(String),
 
+    /// A photo index is damaged, of another format, or made with another checkpoint.
+    #[error("photo index {path}: {message}")]
+    Index {
+        /// The index directory or file.
+        path: PathBuf,
+        /// What is wrong and what to do.
+        message: String,
+    },
+
     /// The checkpoint could not be fetched from the Hugging Face hub.
     #[error("{0}")]
     Hub(String),

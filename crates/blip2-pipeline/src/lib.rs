@@ -24,8 +24,11 @@ pub mod checkpoint;
 mod config;
 mod error;
 pub mod hub;
+pub mod index;
+mod indexing;
 mod model;
 mod pipeline;
+mod retrieval;
 mod tokenizer;
 
 pub use blip2_lm::generation::{EarlyStopping, GenerationConfig, GenerationOptions};
@@ -33,6 +36,8 @@ pub use chat::{Answer, Conversation, DEFAULT_QUESTION_TEMPLATE, QuestionTemplate
 pub use checkpoint::CheckpointFiles;
 pub use config::Blip2Config;
 pub use error::{Error, Result};
-pub use model::{Blip2Model, ImageFeatures};
+pub use indexing::{IndexEvent, IndexReport, PHOTO_EXTENSIONS, SearchResult, find_photos};
+pub use model::{Blip2Model, ImageFeatures, RetrievalHeads};
 pub use pipeline::{Blip2, Caption, DEFAULT_MAX_NEW_TOKENS, LoadOptions, parse_dtype};
+pub use retrieval::{MatchScore, TextBatch, contrastive_similarity, normalize};
 pub use tokenizer::TextTokenizer;

@@ -1,10 +1,12 @@
-//! The BLIP-2 network: vision encoder, Q-Former, language projection and language model.
+//! The BLIP-2 network: vision encoder and Q-Former, then either a language model
+//! (captioning checkpoints) or retrieval heads (image-text matching checkpoints).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use blip2_lm::{LanguageModel, OptModel, T5Model, TextConfig};
-use blip2_nn::Linear;
-use blip2_qformer::QFormer;
+use blip2_nn::{ConfigError, Linear};
+use blip2_qformer::{QFormer, QFormerSettings, TextEmbeddings};
 use blip2_vision::{EvaVisionModel, VisionEncoder};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
@@ -18,29 +20,73 @@ pub struct ImageFeatures {
     pub vision: Tensor,
     /// Q-Former query outputs `[batch, queries, qformer_width]`, in `f32`.
     pub queries: Tensor,
-    /// The language projection's output `[batch, queries, text_hidden_size]`.
-    pub projection: Tensor,
+    /// The language projection's output `[batch, queries, text_hidden_size]`
+    /// (captioning checkpoints only).
+    pub projection: Option<Tensor>,
     /// Queries projected into the language model's input space
-    /// `[batch, queries, embedding_size]`, in the model dtype.
-    pub language_inputs: Tensor,
+    /// `[batch, queries, embedding_size]`, in the model dtype (captioning checkpoints only).
+    pub language_inputs: Option<Tensor>,
 }
 
-/// A loaded `Blip2ForConditionalGeneration`.
+/// The language model and the projection that feeds it the queries.
+struct LanguageHead {
+    projection: Linear,
+    model: Box<dyn LanguageModel>,
+}
+
+/// The parts of an image-text retrieval checkpoint (`Blip2ForImageTextRetrieval`).
+#[derive(Debug, Clone)]
+pub struct RetrievalHeads {
+    /// Word and position embeddings of the Q-Former's text input.
+    pub embeddings: TextEmbeddings,
+    /// Query outputs → the shared embedding space.
+    pub vision_projection: Linear,
+    /// Text `[CLS]` output → the shared embedding space.
+    pub text_projection: Linear,
+    /// Query outputs (after reading the text) → logits of "no match", "match".
+    pub itm_head: Linear,
+}
+
+impl RetrievalHeads {
+    fn load(
+        settings: &QFormerSettings,
+        embed_dim: usize,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
+        let hidden = settings.hidden_size;
+        Ok(Self {
+            embeddings: TextEmbeddings::load(settings, vb.pp("embeddings"))?,
+            vision_projection: blip2_nn::linear(hidden, embed_dim, vb.pp("vision_projection"))?,
+            text_projection: blip2_nn::linear(hidden, embed_dim, vb.pp("text_projection"))?,
+            itm_head: blip2_nn::linear(hidden, 2, vb.pp("itm_head"))?,
+        })
+    }
+}
+
+/// A loaded BLIP-2 checkpoint: `Blip2ForConditionalGeneration` (with a language model)
+/// or `Blip2ForImageTextRetrieval` (with retrieval heads).
 pub struct Blip2Model {
     vision: Box<dyn VisionEncoder>,
     query_tokens: Tensor,
     qformer: QFormer,
-    language_projection: Linear,
-    language_model: Box<dyn LanguageModel>,
+    language: Option<LanguageHead>,
+    retrieval: Option<RetrievalHeads>,
     config: Blip2Config,
     dtype: DType,
-    images_encoded: std::sync::atomic::AtomicUsize,
+    images_encoded: AtomicUsize,
 }
 
 impl std::fmt::Debug for Blip2Model {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Blip2Model")
-            .field("text_model", &self.config.text_config.model_type())
+            .field(
+                "language_model",
+                &self
+                    .language
+                    .as_ref()
+                    .map(|_| self.config.text_config.model_type()),
+            )
+            .field("retrieval_heads", &self.retrieval.is_some())
             .field("num_query_tokens", &self.config.num_query_tokens)
             .field("dtype", &self.dtype)
             .finish_non_exhaustive()
@@ -50,13 +96,15 @@ impl std::fmt::Debug for Blip2Model {
 impl Blip2Model {
     /// Builds the model from `config` and the safetensors `weights`.
     ///
-    /// The vision encoder, language projection and language model are converted to
-    /// `dtype`; the query tokens and the Q-Former stay in `f32`, as transformers keeps
-    /// them (`_keep_in_fp32_modules`).
+    /// The parts present in the weights decide the kind: `language_projection.weight`
+    /// means a captioning checkpoint, `itm_head.weight` a retrieval checkpoint. The
+    /// vision encoder, language projection and language model are converted to `dtype`;
+    /// the query tokens, the Q-Former and the retrieval heads stay in `f32` (transformers
+    /// keeps the Q-Former in `f32` for `f16`; this does it for `bf16` too).
     pub fn load(
         config: &Blip2Config,
         config_path: &Path,
-        weights: &[std::path::PathBuf],
+        weights: &[PathBuf],
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
@@ -65,7 +113,7 @@ impl Blip2Model {
             .and_then(|p| p.parent())
             .unwrap_or(Path::new("."))
             .to_owned();
-        let invalid = |source: blip2_nn::ConfigError, section: &str| Error::InvalidConfig {
+        let invalid = |source: ConfigError, section: &str| Error::InvalidConfig {
             path: config_path.to_owned(),
             source: source.within(section),
         };
@@ -91,6 +139,20 @@ impl Blip2Model {
             source,
         };
 
+        let has_language = vb.contains_tensor("language_projection.weight");
+        let has_retrieval = vb.contains_tensor("itm_head.weight");
+        if !has_language && !has_retrieval {
+            return Err(Error::Unsupported {
+                path: config_path.to_owned(),
+                message: format!(
+                    "the weights in {} have neither a language model (language_projection.weight) nor \
+                     image-text retrieval heads (itm_head.weight); BLIP-2 Blip2ForConditionalGeneration and \
+                     Blip2ForImageTextRetrieval checkpoints are supported",
+                    dir.display()
+                ),
+            });
+        }
+
         let vision =
             EvaVisionModel::load(&vision_settings, vb.pp("vision_model")).map_err(weights_error)?;
         let f32_vb = vb.clone().set_dtype(DType::F32);
@@ -101,66 +163,67 @@ impl Blip2Model {
         let qformer =
             QFormer::load(&qformer_settings, f32_vb.pp("qformer")).map_err(weights_error)?;
 
-        let text_hidden = config.text_config.hidden_size();
-        let language_projection =
-            blip2_nn::linear(qformer_width, text_hidden, vb.pp("language_projection"))
-                .map_err(weights_error)?;
-        let language_model: Box<dyn LanguageModel> = match &config.text_config {
-            TextConfig::Opt(opt) => {
-                let settings = opt.resolve().map_err(|e| invalid(e, "text_config"))?;
-                Box::new(OptModel::load(&settings, vb.pp("language_model")).map_err(weights_error)?)
-            }
-            TextConfig::T5(t5) => {
-                let settings = t5.resolve().map_err(|e| invalid(e, "text_config"))?;
-                Box::new(T5Model::load(&settings, vb.pp("language_model")).map_err(weights_error)?)
-            }
+        let language = if has_language {
+            Some(
+                load_language(config, config_path, qformer_width, &vb).map_err(|e| match e {
+                    LoadError::Config(source, section) => invalid(source, section),
+                    LoadError::Weights(source) => weights_error(source),
+                    LoadError::Other(error) => error,
+                })?,
+            )
+        } else {
+            None
         };
-        let embedding_size = language_model.embedding_size();
-        if text_hidden < embedding_size {
-            return Err(Error::Unsupported {
-                path: config_path.to_owned(),
-                message: format!(
-                    "the language projection outputs {text_hidden} values per query (text_config.hidden_size) \
-                     but the language model's embeddings are {embedding_size} wide"
-                ),
-            });
-        }
-        if text_hidden != embedding_size {
-            tracing::warn!(
-                text_hidden,
-                embedding_size,
-                "text_config.word_embed_proj_dim differs from text_config.hidden_size; like transformers, each \
-                 image's projected queries are read as a flat sequence to fill the embedding slots"
-            );
-        }
+        let retrieval = if has_retrieval {
+            if !qformer_settings.has_text_feed_forward {
+                return Err(invalid(
+                    ConfigError::new(
+                        "use_qformer_text_input",
+                        "must be true for an image-text retrieval checkpoint (its Q-Former reads text)",
+                    ),
+                    "qformer_config",
+                ));
+            }
+            Some(
+                RetrievalHeads::load(&qformer_settings, config.image_text_hidden_size, f32_vb)
+                    .map_err(weights_error)?,
+            )
+        } else {
+            None
+        };
         tracing::info!(
             ?dtype,
-            text_model = config.text_config.model_type(),
+            language_model = language.as_ref().map(|_| config.text_config.model_type()),
+            retrieval = retrieval.is_some(),
             "loaded BLIP-2 weights"
         );
         Ok(Self {
             vision: Box::new(vision),
             query_tokens,
             qformer,
-            language_projection,
-            language_model,
+            language,
+            retrieval,
             config: config.clone(),
             dtype,
-            images_encoded: Default::default(),
+            images_encoded: AtomicUsize::new(0),
         })
     }
 
-    /// Runs the image side on `pixel_values` `[batch, 3, height, width]`.
+    /// Runs the image side on `pixel_values` `[batch, 3, height, width]`: the vision
+    /// encoder, the Q-Former, and (captioning checkpoints) the language projection.
     pub fn encode_images(&self, pixel_values: &Tensor) -> Result<ImageFeatures> {
         let batch = pixel_values.dim(0)?;
-        self.images_encoded
-            .fetch_add(batch, std::sync::atomic::Ordering::Relaxed);
+        self.images_encoded.fetch_add(batch, Ordering::Relaxed);
         let vision = self.vision.encode(&pixel_values.to_dtype(self.dtype)?)?;
         let queries = self.qformer.query_features(&self.query_tokens, &vision)?;
-        let projection = self
-            .language_projection
-            .forward(&queries.to_dtype(self.dtype)?)?;
-        let language_inputs = self.fit_to_embeddings(&projection)?;
+        let (projection, language_inputs) = match &self.language {
+            Some(head) => {
+                let projection = head.projection.forward(&queries.to_dtype(self.dtype)?)?;
+                let inputs = fit_to_embeddings(&projection, head.model.embedding_size())?;
+                (Some(projection), Some(inputs))
+            }
+            None => (None, None),
+        };
         Ok(ImageFeatures {
             vision,
             queries,
@@ -169,33 +232,46 @@ impl Blip2Model {
         })
     }
 
-    /// Reads `[batch, queries, hidden]` projections into `[batch, queries, embedding_size]`.
-    ///
-    /// When the two widths are equal this is the identity. Otherwise transformers'
-    /// `masked_scatter` fills the query slots with the first `queries × embedding_size`
-    /// values of the flattened projection; this does the same, one image at a time, so
-    /// that batching never mixes images.
-    fn fit_to_embeddings(&self, projected: &Tensor) -> Result<Tensor> {
-        let (batch, queries, hidden) = projected.dims3()?;
-        let width = self.language_model.embedding_size();
-        if hidden == width {
-            return Ok(projected.clone());
-        }
-        let flat = projected.reshape((batch, queries * hidden))?;
-        Ok(flat
-            .narrow(1, 0, queries * width)?
-            .reshape((batch, queries, width))?)
-    }
-
     /// How many images the vision encoder has processed since loading.
     pub fn images_encoded(&self) -> usize {
-        self.images_encoded
-            .load(std::sync::atomic::Ordering::Relaxed)
+        self.images_encoded.load(Ordering::Relaxed)
     }
 
-    /// The language model.
-    pub fn language_model(&self) -> &dyn LanguageModel {
-        self.language_model.as_ref()
+    /// The language model, or an error naming the checkpoint kind when there is none.
+    pub fn language_model(&self) -> Result<&dyn LanguageModel> {
+        self.language
+            .as_ref()
+            .map(|head| head.model.as_ref())
+            .ok_or_else(|| {
+                Error::InvalidRequest(
+                "this is an image-text retrieval checkpoint without a language model; captions and \
+                 answers need a captioning checkpoint such as Salesforce/blip2-opt-2.7b"
+                    .into(),
+            )
+            })
+    }
+
+    /// The retrieval heads, or an error naming the checkpoint kind when there are none.
+    pub fn retrieval_heads(&self) -> Result<&RetrievalHeads> {
+        self.retrieval.as_ref().ok_or_else(|| {
+            Error::InvalidRequest(
+                "this captioning checkpoint has no projection heads (vision_projection, text_projection, \
+                 itm_head), so it gives no image or text embeddings and no matching scores; its Q-Former \
+                 features still work. Use an image-text retrieval checkpoint such as \
+                 Salesforce/blip2-itm-vit-g"
+                    .into(),
+            )
+        })
+    }
+
+    /// The Q-Former.
+    pub fn qformer(&self) -> &QFormer {
+        &self.qformer
+    }
+
+    /// The learned queries `[1, queries, qformer_width]`.
+    pub fn query_tokens(&self) -> &Tensor {
+        &self.query_tokens
     }
 
     /// The parsed `config.json`.
@@ -207,4 +283,76 @@ impl Blip2Model {
     pub fn dtype(&self) -> DType {
         self.dtype
     }
+}
+
+enum LoadError {
+    Config(ConfigError, &'static str),
+    Weights(candle_core::Error),
+    Other(Error),
+}
+
+impl From<candle_core::Error> for LoadError {
+    fn from(error: candle_core::Error) -> Self {
+        Self::Weights(error)
+    }
+}
+
+fn load_language(
+    config: &Blip2Config,
+    config_path: &Path,
+    qformer_width: usize,
+    vb: &VarBuilder,
+) -> std::result::Result<LanguageHead, LoadError> {
+    let text_hidden = config.text_config.hidden_size();
+    let projection = blip2_nn::linear(qformer_width, text_hidden, vb.pp("language_projection"))?;
+    let model: Box<dyn LanguageModel> = match &config.text_config {
+        TextConfig::Opt(opt) => {
+            let settings = opt
+                .resolve()
+                .map_err(|e| LoadError::Config(e, "text_config"))?;
+            Box::new(OptModel::load(&settings, vb.pp("language_model"))?)
+        }
+        TextConfig::T5(t5) => {
+            let settings = t5
+                .resolve()
+                .map_err(|e| LoadError::Config(e, "text_config"))?;
+            Box::new(T5Model::load(&settings, vb.pp("language_model"))?)
+        }
+    };
+    let embedding_size = model.embedding_size();
+    if text_hidden < embedding_size {
+        return Err(LoadError::Other(Error::Unsupported {
+            path: config_path.to_owned(),
+            message: format!(
+                "the language projection outputs {text_hidden} values per query (text_config.hidden_size) \
+                 but the language model's embeddings are {embedding_size} wide"
+            ),
+        }));
+    }
+    if text_hidden != embedding_size {
+        tracing::warn!(
+            text_hidden,
+            embedding_size,
+            "text_config.word_embed_proj_dim differs from text_config.hidden_size; like transformers, each \
+             image's projected queries are read as a flat sequence to fill the embedding slots"
+        );
+    }
+    Ok(LanguageHead { projection, model })
+}
+
+/// Reads `[batch, queries, hidden]` projections into `[batch, queries, width]`.
+///
+/// When the two widths are equal this is the identity. Otherwise transformers'
+/// `masked_scatter` fills the query slots with the first `queries × width` values of the
+/// flattened projection; this does the same, one image at a time, so that batching
+/// never mixes images.
+fn fit_to_embeddings(projected: &Tensor, width: usize) -> Result<Tensor> {
+    let (batch, queries, hidden) = projected.dims3()?;
+    if hidden == width {
+        return Ok(projected.clone());
+    }
+    let flat = projected.reshape((batch, queries * hidden))?;
+    Ok(flat
+        .narrow(1, 0, queries * width)?
+        .reshape((batch, queries, width))?)
 }

@@ -133,6 +133,11 @@ impl Blip2 {
         &self.image_config
     }
 
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
     /// The checkpoint's files.
     pub fn files(&self) -> &CheckpointFiles {
         &self.files
@@ -180,7 +185,9 @@ impl Blip2 {
     /// end-of-sequence token).
     fn prompt_ids(&self, prompt: &str) -> Result<Vec<u32>> {
         match self.model.config().text_config.bos_token_id() {
-            Some(bos) if prompt.is_empty() && !self.model.language_model().is_encoder_decoder() => {
+            Some(bos)
+                if prompt.is_empty() && !self.model.language_model()?.is_encoder_decoder() =>
+            {
                 Ok(vec![bos])
             }
             _ => self.tokenizer.encode(prompt),
@@ -190,7 +197,7 @@ impl Blip2 {
     /// Checks that a prompt of `prompt_tokens` tokens, the image queries and
     /// `max_new_tokens` fit the language model's positions.
     fn check_length(&self, prompt_tokens: usize, options: &GenerationOptions) -> Result<()> {
-        let Some(limit) = self.model.language_model().max_sequence_length() else {
+        let Some(limit) = self.model.language_model()?.max_sequence_length() else {
             return Ok(());
         };
         let queries = self.model.config().num_query_tokens;
@@ -220,7 +227,7 @@ impl Blip2 {
         options: &GenerationOptions,
         mut on_text: Option<&mut dyn FnMut(&str)>,
     ) -> Result<Caption> {
-        let batch = features.language_inputs.dim(0)?;
+        let batch = language_inputs(features)?.dim(0)?;
         if batch != 1 {
             return Err(Error::InvalidRequest(format!(
                 "streaming takes one image, got {batch}"
@@ -277,7 +284,7 @@ impl Blip2 {
         options: &GenerationOptions,
     ) -> Result<PromptInput> {
         let config = self.model.config();
-        let lm = self.model.language_model();
+        let lm = self.model.language_model()?;
         let ids = self.prompt_ids(prompt)?;
         let queries = language_inputs.dim(0)?;
         self.check_length(ids.len(), options)?;
@@ -311,8 +318,9 @@ impl Blip2 {
         options: &GenerationOptions,
         on_token: Option<&mut generation::TokenCallback<'_>>,
     ) -> Result<Vec<Vec<Caption>>> {
+        self.model.language_model()?;
         options.validate().map_err(Error::InvalidRequest)?;
-        let batch = features.language_inputs.dim(0)?;
+        let batch = language_inputs(features)?.dim(0)?;
         if !prompts.is_empty() && prompts.len() != batch {
             return Err(Error::InvalidRequest(format!(
                 "{} prompts for {batch} images",
@@ -322,11 +330,11 @@ impl Blip2 {
         let inputs = (0..batch)
             .map(|i| {
                 let prompt = prompts.get(i).copied().unwrap_or("");
-                self.prompt_input(&features.language_inputs.get(i)?, prompt, options)
+                self.prompt_input(&language_inputs(features)?.get(i)?, prompt, options)
             })
             .collect::<Result<Vec<_>>>()?;
         let outputs =
-            generation::generate(self.model.language_model(), &inputs, options, on_token)?;
+            generation::generate(self.model.language_model()?, &inputs, options, on_token)?;
         outputs
             .into_iter()
             .map(|sequences| {
@@ -341,7 +349,7 @@ impl Blip2 {
     /// The `f32` logits `[batch, vocab]` of the first token the language model would
     /// generate for each image and prompt (an empty prompt for a plain caption).
     pub fn first_token_logits(&self, features: &ImageFeatures, prompts: &[&str]) -> Result<Tensor> {
-        let batch = features.language_inputs.dim(0)?;
+        let batch = language_inputs(features)?.dim(0)?;
         if !prompts.is_empty() && prompts.len() != batch {
             return Err(Error::InvalidRequest(format!(
                 "{} prompts for {batch} images",
@@ -355,14 +363,14 @@ impl Blip2 {
         let inputs = (0..batch)
             .map(|i| {
                 self.prompt_input(
-                    &features.language_inputs.get(i)?,
+                    &language_inputs(features)?.get(i)?,
                     prompts.get(i).copied().unwrap_or(""),
                     &options,
                 )
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(generation::first_logits(
-            self.model.language_model(),
+            self.model.language_model()?,
             &inputs,
         )?)
     }
@@ -403,4 +411,14 @@ impl Blip2 {
             score: generated.score,
         })
     }
+}
+
+/// The projected queries of a captioning checkpoint's image features.
+fn language_inputs(features: &ImageFeatures) -> Result<&Tensor> {
+    features.language_inputs.as_ref().ok_or_else(|| {
+        Error::InvalidRequest(
+            "these image features come from an image-text retrieval checkpoint, which has no language model"
+                .into(),
+        )
+    })
 }

@@ -1,0 +1,207 @@
+//! `blip2 match` and `blip2 classify`: how well texts describe images.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use blip2_pipeline::MatchScore;
+use clap::Args;
+use serde::Serialize;
+
+use crate::args::{DEFAULT_RETRIEVAL_MODEL, ImageArgs, ModelArgs};
+
+/// Arguments of `blip2 match`.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "itm_probability: the matching head's probability that the text describes \
+the image, 0 to 1 (above 0.5 means a match). itc_similarity: cosine similarity of the image and \
+text embeddings, best over the image queries, -1 to 1; compare it between texts, not against a \
+fixed threshold."
+)]
+pub struct MatchArgs {
+    /// The image file.
+    pub image: PathBuf,
+
+    /// Texts to score against the image.
+    #[arg(required = true)]
+    pub texts: Vec<String>,
+
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    #[command(flatten)]
+    pub image_args: ImageArgs,
+}
+
+/// Arguments of `blip2 classify`.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Labels are sorted by itm_probability, the matching head's probability \
+that the label describes the image (0 to 1; labels are scored independently, so they do not sum \
+to 1). itc_similarity is the embedding cosine similarity, -1 to 1."
+)]
+pub struct ClassifyArgs {
+    /// Image files.
+    #[arg(required = true)]
+    pub images: Vec<PathBuf>,
+
+    /// Comma-separated labels, for example "a cat,a dog,a weapon".
+    #[arg(long, required = true)]
+    pub labels: String,
+
+    /// Text around each label; `{}` is replaced by the label (for example "a photo of {}").
+    #[arg(long, default_value = "{}")]
+    pub template: String,
+
+    /// Print one JSON object per image (JSON Lines) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    #[command(flatten)]
+    pub image_args: ImageArgs,
+}
+
+#[derive(Debug, Serialize)]
+struct JsonScore<'a> {
+    text: &'a str,
+    itm_probability: f32,
+    itc_similarity: f32,
+    itm_logits: [f32; 2],
+}
+
+fn json_scores(scores: &[MatchScore]) -> Vec<JsonScore<'_>> {
+    scores
+        .iter()
+        .map(|s| JsonScore {
+            text: &s.text,
+            itm_probability: s.itm_probability,
+            itc_similarity: s.itc_similarity,
+            itm_logits: s.itm_logits,
+        })
+        .collect()
+}
+
+fn print_table(scores: &[MatchScore]) {
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(stdout, "{:>8}  {:>8}  text", "ITM", "ITC");
+    for score in scores {
+        let _ = writeln!(
+            stdout,
+            "{:>8.4}  {:>8.4}  {}",
+            score.itm_probability, score.itc_similarity, score.text
+        );
+    }
+}
+
+/// Runs `blip2 match`.
+pub fn run_match(args: MatchArgs) -> anyhow::Result<ExitCode> {
+    let image = args.image_args.load(&args.image)?;
+    let blip2 = args.model.load(DEFAULT_RETRIEVAL_MODEL)?;
+    let texts: Vec<&str> = args.texts.iter().map(String::as_str).collect();
+    let scores = blip2.match_texts(&image, &texts)?;
+    if args.json {
+        let line = serde_json::json!({ "image": args.image.display().to_string(), "scores": json_scores(&scores) });
+        println!("{line}");
+    } else {
+        print_table(&scores);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Splits and checks the label list.
+fn parse_labels(labels: &str) -> anyhow::Result<Vec<String>> {
+    let labels: Vec<String> = labels.split(',').map(|l| l.trim().to_string()).collect();
+    if labels.iter().all(String::is_empty) {
+        anyhow::bail!("--labels is empty; give comma-separated labels such as \"a cat,a dog\"");
+    }
+    if let Some(position) = labels.iter().position(String::is_empty) {
+        anyhow::bail!(
+            "label {} of --labels is empty (two commas in a row, or a trailing comma?)",
+            position + 1
+        );
+    }
+    Ok(labels)
+}
+
+/// Runs `blip2 classify`; fails when any image could not be classified.
+pub fn run_classify(args: ClassifyArgs) -> anyhow::Result<ExitCode> {
+    let labels = parse_labels(&args.labels)?;
+    let template = blip2_pipeline::QuestionTemplate::new(&args.template)?;
+    let texts: Vec<String> = labels.iter().map(|label| template.fill(label)).collect();
+    let text_refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let blip2 = args.model.load(DEFAULT_RETRIEVAL_MODEL)?;
+
+    let mut failures = 0;
+    for path in &args.images {
+        let result = args
+            .image_args
+            .load(path)
+            .and_then(|image| Ok(blip2.match_texts(&image, &text_refs)?));
+        let mut scores = match result {
+            Ok(scores) => scores,
+            Err(error) => {
+                failures += 1;
+                if args.json {
+                    println!(
+                        "{}",
+                        serde_json::json!({ "image": path.display().to_string(), "error": format!("{error:#}") })
+                    );
+                } else {
+                    eprintln!("error: {error:#}");
+                }
+                continue;
+            }
+        };
+        for (score, label) in scores.iter_mut().zip(&labels) {
+            score.text = label.clone();
+        }
+        scores.sort_by(|a, b| b.itm_probability.total_cmp(&a.itm_probability));
+        if args.json {
+            let line = serde_json::json!({ "image": path.display().to_string(), "labels": json_scores(&scores) });
+            println!("{line}");
+        } else {
+            if args.images.len() > 1 {
+                println!("{}:", path.display());
+            }
+            print_table(&scores);
+        }
+    }
+    Ok(if failures > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_split_and_checked() {
+        assert_eq!(
+            parse_labels(" a cat, a dog ").unwrap(),
+            vec!["a cat", "a dog"]
+        );
+        assert!(parse_labels("").unwrap_err().to_string().contains("empty"));
+        assert!(
+            parse_labels(" , ")
+                .unwrap_err()
+                .to_string()
+                .contains("empty")
+        );
+        assert!(
+            parse_labels("a,,b")
+                .unwrap_err()
+                .to_string()
+                .contains("label 2")
+        );
+    }
+}

@@ -1,0 +1,179 @@
+//! `blip2 index` and `blip2 search`: a searchable index of a photo folder.
+
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use blip2_pipeline::IndexEvent;
+use blip2_pipeline::index::PhotoIndex;
+use clap::Args;
+
+use crate::args::{DEFAULT_RETRIEVAL_MODEL, ImageArgs, ModelArgs};
+
+/// Arguments of `blip2 index`.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Running it again on the same folder encodes only new or changed photos, \
+drops deleted ones, and continues an interrupted run. The index is a directory: index.json (model \
+and shape), embeddings.npy (float32 [rows, queries, dim], numpy-readable) and entries.jsonl (which \
+photo is in which row). Exit status 1 when some photos could not be read (the rest are indexed)."
+)]
+pub struct IndexArgs {
+    /// The photo folder (searched recursively for JPEG, PNG, WebP, GIF, BMP and TIFF files).
+    pub folder: PathBuf,
+
+    /// The index directory (created if it does not exist).
+    #[arg(short, long)]
+    pub output: PathBuf,
+
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    #[command(flatten)]
+    pub image_args: ImageArgs,
+}
+
+/// Arguments of `blip2 search`.
+#[derive(Debug, Args)]
+pub struct SearchArgs {
+    /// The index directory made by `blip2 index`.
+    pub index: PathBuf,
+
+    /// What to look for, for example "a cat on a red blanket".
+    pub query: String,
+
+    /// Number of results.
+    #[arg(long, default_value_t = 10)]
+    pub top_k: usize,
+
+    /// Re-rank the best matches with the image-text matching head (slower: each
+    /// candidate photo is read and encoded again).
+    #[arg(long)]
+    pub rerank: bool,
+
+    /// Candidates to re-rank (default: four times --top-k).
+    #[arg(long, requires = "rerank")]
+    pub candidates: Option<usize>,
+
+    /// Print one JSON object per result (JSON Lines).
+    #[arg(long)]
+    pub json: bool,
+
+    #[command(flatten)]
+    pub model: ModelArgs,
+}
+
+/// Runs `blip2 index`.
+pub fn run_index(args: IndexArgs) -> anyhow::Result<ExitCode> {
+    let model = args.model.name(DEFAULT_RETRIEVAL_MODEL).to_owned();
+    let blip2 = args.model.load(DEFAULT_RETRIEVAL_MODEL)?;
+    let interactive = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut bar: Option<indicatif::ProgressBar> = None;
+    let mut done = 0usize;
+    let mut total = 0usize;
+    let mut on_event = |event: IndexEvent<'_>| {
+        match event {
+            IndexEvent::Planned { found, to_encode } => {
+                total = to_encode;
+                eprintln!("{found} photos found, {to_encode} to encode");
+                if interactive {
+                    let progress = indicatif::ProgressBar::new(to_encode as u64);
+                    progress.set_style(
+                        indicatif::ProgressStyle::with_template(
+                            "{bar:40} {pos}/{len} photos, {elapsed} elapsed, ~{eta} left",
+                        )
+                        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                    );
+                    bar = Some(progress);
+                }
+            }
+            IndexEvent::Encoded { path } => {
+                done += 1;
+                match &bar {
+                    Some(progress) => progress.inc(1),
+                    None => eprintln!("[{done}/{total}] {}", path.display()),
+                }
+            }
+            IndexEvent::Skipped { path, error } => {
+                done += 1;
+                let message = format!("skipped {}: {error}", path.display());
+                match &bar {
+                    Some(progress) => {
+                        progress.suspend(|| eprintln!("{message}"));
+                        progress.inc(1);
+                    }
+                    None => eprintln!("{message}"),
+                }
+            }
+        }
+        ControlFlow::Continue(())
+    };
+    let report = blip2.index_photos(
+        &model,
+        &args.folder,
+        &args.output,
+        &args.image_args.load_options(),
+        &mut on_event,
+    )?;
+    if let Some(progress) = bar {
+        progress.finish_and_clear();
+    }
+    eprintln!(
+        "{} photos in {}: {} encoded, {} unchanged, {} removed, {} skipped",
+        report.indexed,
+        args.output.display(),
+        report.encoded,
+        report.unchanged,
+        report.removed,
+        report.skipped.len()
+    );
+    Ok(if report.skipped.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Runs `blip2 search`.
+pub fn run_search(args: SearchArgs) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(args.top_k > 0, "--top-k must be at least 1");
+    let mut index = PhotoIndex::open(&args.index)?;
+    let indexed_model = index.manifest().model.clone();
+    let blip2 = args.model.load(&indexed_model)?;
+    let candidates = args
+        .rerank
+        .then(|| args.candidates.unwrap_or(args.top_k * 4));
+    let results = blip2.search(&mut index, &args.query, args.top_k, candidates)?;
+    for (rank, result) in results.iter().enumerate() {
+        if args.json {
+            let line = serde_json::json!({
+                "rank": rank + 1,
+                "path": result.path.display().to_string(),
+                "itc_similarity": result.itc_similarity,
+                "itm_probability": result.itm_probability,
+                "rerank_score": result.rerank_score,
+            });
+            println!("{line}");
+        } else {
+            match (result.rerank_score, result.itm_probability) {
+                (Some(score), Some(probability)) => println!(
+                    "{:>3}. {:>8.4} (ITM {probability:.4}, ITC {:.4})  {}",
+                    rank + 1,
+                    score,
+                    result.itc_similarity,
+                    result.path.display()
+                ),
+                _ => println!(
+                    "{:>3}. {:>8.4}  {}",
+                    rank + 1,
+                    result.itc_similarity,
+                    result.path.display()
+                ),
+            }
+        }
+    }
+    if results.is_empty() {
+        eprintln!("the index is empty");
+    }
+    Ok(ExitCode::SUCCESS)
+}
