@@ -147,6 +147,27 @@ impl<'a> Conversation<'a> {
         }
     }
 
+    /// Resumes a conversation from its parts (as returned by [`Conversation::into_parts`]),
+    /// for callers that keep conversations between requests.
+    pub fn from_parts(
+        blip2: &'a Blip2,
+        features: ImageFeatures,
+        template: QuestionTemplate,
+        turns: Vec<(String, String)>,
+    ) -> Self {
+        Self {
+            blip2,
+            features,
+            template,
+            turns,
+        }
+    }
+
+    /// The encoded image, the template and the turns, to keep and resume later.
+    pub fn into_parts(self) -> (ImageFeatures, QuestionTemplate, Vec<(String, String)>) {
+        (self.features, self.template, self.turns)
+    }
+
     /// Uses another question template from now on.
     pub fn set_template(&mut self, template: QuestionTemplate) {
         self.template = template;

@@ -41,3 +41,14 @@ pub use model::{Blip2Model, ImageFeatures, RetrievalHeads};
 pub use pipeline::{Blip2, Caption, DEFAULT_MAX_NEW_TOKENS, LoadOptions, parse_dtype};
 pub use retrieval::{MatchScore, TextBatch, contrastive_similarity, normalize};
 pub use tokenizer::TextTokenizer;
+
+#[cfg(test)]
+mod thread_safety {
+    /// Servers share one loaded model between threads.
+    #[test]
+    fn blip2_is_send_and_sync() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<crate::Blip2>();
+        assert_send_sync::<crate::ImageFeatures>();
+    }
+}
