@@ -7,6 +7,7 @@ mod chat;
 mod embed;
 mod matching;
 mod photos;
+mod serve;
 
 use clap::{Parser, Subcommand};
 
@@ -42,10 +43,14 @@ enum Command {
     Index(photos::IndexArgs),
     /// Find photos in an index by a text description.
     Search(photos::SearchArgs),
+    /// Serve the web demo and the HTTP API.
+    Serve(serve::ServeArgs),
 }
 
-fn init_logging(verbose: u8) {
+fn init_logging(verbose: u8, serving: bool) {
     let default = match verbose {
+        // A server logs its starts, stops and request errors by default.
+        0 if serving => "warn,blip2_server=info",
         0 => "warn",
         1 => "info",
         _ => "debug",
@@ -60,7 +65,7 @@ fn init_logging(verbose: u8) {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.verbose);
+    init_logging(cli.verbose, matches!(cli.command, Command::Serve(_)));
     let result = match cli.command {
         Command::Caption(args) => caption::run(args),
         Command::Ask(args) => ask::run(args),
@@ -70,6 +75,7 @@ fn main() -> std::process::ExitCode {
         Command::Classify(args) => matching::run_classify(args),
         Command::Index(args) => photos::run_index(args),
         Command::Search(args) => photos::run_search(args),
+        Command::Serve(args) => serve::run(args),
     };
     match result {
         Ok(code) => code,
