@@ -24,7 +24,37 @@ pub use config::{OptConfig, OptSettings, T5Config, T5Settings, TextConfig};
 pub use opt::OptModel;
 pub use t5::{T5Model, relative_position_bucket};
 
+use blip2_nn::Linear;
+pub use blip2_nn::kernels::quant::QuantKind;
 use candle_core::{DType, Device, Result, Tensor};
+
+/// What [`LanguageModel::quantize`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QuantizationReport {
+    /// Layers quantized.
+    pub quantized: usize,
+    /// Layers left dense (input width not a multiple of 32).
+    pub left_dense: usize,
+    /// Weight bytes of the fully connected layers before.
+    pub bytes_before: usize,
+    /// Weight bytes of the fully connected layers after.
+    pub bytes_after: usize,
+}
+
+/// Quantizes every layer of `linears`, counting what happened.
+fn quantize_all(linears: Vec<&mut Linear>, kind: QuantKind) -> Result<QuantizationReport> {
+    let mut report = QuantizationReport::default();
+    for linear in linears {
+        report.bytes_before += linear.weight_bytes();
+        if linear.quantize(kind)? {
+            report.quantized += 1;
+        } else {
+            report.left_dense += 1;
+        }
+        report.bytes_after += linear.weight_bytes();
+    }
+    Ok(report)
+}
 
 /// A language model that BLIP-2 can condition on image queries.
 pub trait LanguageModel: Send + Sync {
@@ -56,6 +86,10 @@ pub trait LanguageModel: Send + Sync {
     fn decoder_start_token_id(&self) -> Option<u32> {
         None
     }
+
+    /// Quantizes the weights of the fully connected layers (the output layer included)
+    /// to 8 or 4 bits. Layers whose input width is not a multiple of 32 stay as they are.
+    fn quantize(&mut self, kind: QuantKind) -> Result<QuantizationReport>;
 
     /// Runs the prompt and opens a decoding session.
     ///

@@ -1,16 +1,18 @@
 //! Meta's OPT decoder (`OPTForCausalLM` in transformers).
 
+use blip2_nn::Weights;
 use blip2_nn::{
     Activation, LayerNorm, Linear, additive_mask_value, linear_no_bias,
     scaled_dot_product_attention,
 };
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
-use candle_nn::{Embedding, VarBuilder};
+use candle_nn::Embedding;
 
 use crate::config::{OPT_LAYER_NORM_EPS, OPT_POSITION_OFFSET};
-use crate::{DecodeSession, KvCache, LanguageModel, OptSettings};
+use crate::{DecodeSession, KvCache, LanguageModel, OptSettings, QuantizationReport, quantize_all};
+use blip2_nn::kernels::quant::QuantKind;
 
-fn linear_maybe_bias(input: usize, output: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
+fn linear_maybe_bias(input: usize, output: usize, bias: bool, vb: Weights) -> Result<Linear> {
     if bias {
         blip2_nn::linear(input, output, vb)
     } else {
@@ -18,7 +20,7 @@ fn linear_maybe_bias(input: usize, output: usize, bias: bool, vb: VarBuilder) ->
     }
 }
 
-fn layer_norm(settings: &OptSettings, vb: VarBuilder) -> Result<LayerNorm> {
+fn layer_norm(settings: &OptSettings, vb: Weights) -> Result<LayerNorm> {
     if settings.layer_norm_affine {
         LayerNorm::load(vb, settings.hidden_size, OPT_LAYER_NORM_EPS)
     } else {
@@ -37,7 +39,7 @@ struct Attention {
 }
 
 impl Attention {
-    fn load(settings: &OptSettings, vb: VarBuilder) -> Result<Self> {
+    fn load(settings: &OptSettings, vb: Weights) -> Result<Self> {
         let (hidden, bias) = (settings.hidden_size, settings.bias);
         Ok(Self {
             q_proj: linear_maybe_bias(hidden, hidden, bias, vb.pp("q_proj"))?,
@@ -81,7 +83,7 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn load(settings: &OptSettings, vb: VarBuilder) -> Result<Self> {
+    fn load(settings: &OptSettings, vb: Weights) -> Result<Self> {
         let (hidden, ffn, bias) = (settings.hidden_size, settings.ffn_dim, settings.bias);
         Ok(Self {
             self_attn: Attention::load(settings, vb.pp("self_attn"))?,
@@ -130,8 +132,10 @@ pub struct OptModel {
     project_out: Option<Linear>,
     layers: Vec<DecoderLayer>,
     final_layer_norm: Option<LayerNorm>,
-    lm_head: Tensor,
+    lm_head: Linear,
     settings: OptSettings,
+    dtype: DType,
+    device: Device,
 }
 
 impl OptModel {
@@ -141,18 +145,15 @@ impl OptModel {
     /// When `lm_head.weight` is absent and `tie_word_embeddings` is set, the output
     /// projection reuses the token embeddings, as transformers does (it saves tied
     /// weights once).
-    pub fn load(settings: &OptSettings, vb: VarBuilder) -> Result<Self> {
+    pub fn load(settings: &OptSettings, vb: Weights) -> Result<Self> {
         let _span = tracing::debug_span!("load_opt", layers = settings.num_layers).entered();
         let decoder = vb.pp("model.decoder");
-        let embed_tokens = candle_nn::embedding(
-            settings.vocab_size,
-            settings.embedding_size,
-            decoder.pp("embed_tokens"),
-        )?;
-        let embed_positions = candle_nn::embedding(
+        let embed_tokens = decoder
+            .pp("embed_tokens")
+            .embedding(settings.vocab_size, settings.embedding_size)?;
+        let embed_positions = decoder.pp("embed_positions").embedding(
             settings.max_positions + OPT_POSITION_OFFSET,
             settings.hidden_size,
-            decoder.pp("embed_positions"),
         )?;
         let (project_in, project_out) = if settings.embedding_size != settings.hidden_size {
             (
@@ -187,15 +188,36 @@ impl OptModel {
             embed_tokens.embeddings().clone()
         };
         Ok(Self {
+            dtype: lm_head.dtype(),
+            device: lm_head.device().clone(),
+            lm_head: Linear::new(lm_head, None),
             embed_tokens,
             embed_positions,
             project_in,
             project_out,
             layers,
             final_layer_norm,
-            lm_head,
             settings: settings.clone(),
         })
+    }
+
+    /// Every fully connected layer, the output layer included.
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut linears: Vec<&mut Linear> = Vec::new();
+        for layer in &mut self.layers {
+            let attention = &mut layer.self_attn;
+            linears.extend([
+                &mut attention.q_proj,
+                &mut attention.k_proj,
+                &mut attention.v_proj,
+                &mut attention.out_proj,
+            ]);
+            linears.extend([&mut layer.fc1, &mut layer.fc2]);
+        }
+        linears.extend(self.project_in.as_mut());
+        linears.extend(self.project_out.as_mut());
+        linears.push(&mut self.lm_head);
+        linears
     }
 
     /// The settings the model was built from.
@@ -230,7 +252,7 @@ impl OptModel {
         if let Some(project_out) = &self.project_out {
             last = project_out.forward(&last)?;
         }
-        let logits = last.squeeze(1)?.matmul(&self.lm_head.t()?)?;
+        let logits = self.lm_head.forward(&last.squeeze(1)?)?;
         logits.to_dtype(DType::F32)
     }
 }
@@ -249,11 +271,11 @@ impl LanguageModel for OptModel {
     }
 
     fn dtype(&self) -> DType {
-        self.lm_head.dtype()
+        self.dtype
     }
 
     fn device(&self) -> &Device {
-        self.lm_head.device()
+        &self.device
     }
 
     fn max_sequence_length(&self) -> Option<usize> {
@@ -262,6 +284,10 @@ impl LanguageModel for OptModel {
 
     fn is_encoder_decoder(&self) -> bool {
         false
+    }
+
+    fn quantize(&mut self, kind: QuantKind) -> Result<QuantizationReport> {
+        quantize_all(self.linears_mut(), kind)
     }
 
     fn start<'a>(

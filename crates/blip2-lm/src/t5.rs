@@ -7,11 +7,13 @@
 //! transformers keeps them (`_keep_in_fp32_modules`); their `f32` output makes the
 //! residual stream `f32` from then on, which is what keeps Flan-T5 from overflowing.
 
+use blip2_nn::Weights;
 use blip2_nn::{Activation, LayerNorm, Linear, additive_mask_value, linear_no_bias};
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{Embedding, VarBuilder};
+use candle_nn::Embedding;
 
-use crate::{DecodeSession, KvCache, LanguageModel, T5Settings};
+use crate::{DecodeSession, KvCache, LanguageModel, QuantizationReport, T5Settings, quantize_all};
+use blip2_nn::kernels::quant::QuantKind;
 
 /// Largest finite `f16` minus the margin transformers leaves when it clamps activations.
 const F16_CLAMP: f64 = 65504.0 - 1000.0;
@@ -84,14 +86,13 @@ struct Attention {
 }
 
 impl Attention {
-    fn load(settings: &T5Settings, has_relative_bias: bool, vb: VarBuilder) -> Result<Self> {
+    fn load(settings: &T5Settings, has_relative_bias: bool, vb: Weights) -> Result<Self> {
         let inner = settings.num_heads * settings.d_kv;
         let relative_attention_bias = if has_relative_bias {
-            Some(candle_nn::embedding(
-                settings.num_buckets,
-                settings.num_heads,
-                vb.pp("relative_attention_bias"),
-            )?)
+            Some(
+                vb.pp("relative_attention_bias")
+                    .embedding(settings.num_buckets, settings.num_heads)?,
+            )
         } else {
             None
         };
@@ -183,7 +184,7 @@ struct FeedForward {
 
 impl FeedForward {
     /// `wo_vb` may have another dtype than `vb` (`f32` when the model runs in `f16`).
-    fn load(settings: &T5Settings, vb: VarBuilder, wo_vb: VarBuilder) -> Result<Self> {
+    fn load(settings: &T5Settings, vb: Weights, wo_vb: Weights) -> Result<Self> {
         let dense = vb.pp("DenseReluDense");
         let (wi_0, wi_1) = if settings.gated {
             (
@@ -223,7 +224,7 @@ impl FeedForward {
         if let Some(wi_1) = &self.wi_1 {
             hidden = (hidden * wi_1.forward(&normed)?)?;
         }
-        let wo_dtype = self.wo.weight().dtype();
+        let wo_dtype = self.wo.dtype();
         let output = self.wo.forward(&hidden.to_dtype(wo_dtype)?)?;
         residual_add(xs, &output)
     }
@@ -242,8 +243,8 @@ impl Block {
         settings: &T5Settings,
         index: usize,
         decoder: bool,
-        vb: VarBuilder,
-        wo_vb: VarBuilder,
+        vb: Weights,
+        wo_vb: Weights,
     ) -> Result<Self> {
         let layer = |i: usize| vb.pp(format!("layer.{i}"));
         let self_attention = Attention::load(settings, index == 0, layer(0).pp("SelfAttention"))?;
@@ -293,8 +294,9 @@ pub struct T5Model {
     encoder_norm: LayerNorm,
     decoder: Vec<Block>,
     decoder_norm: LayerNorm,
-    lm_head: Tensor,
+    lm_head: Linear,
     settings: T5Settings,
+    device: Device,
     dtype: DType,
 }
 
@@ -303,7 +305,7 @@ impl T5Model {
     /// `language_model` prefix of a BLIP-2 checkpoint).
     ///
     /// Without `lm_head.weight` the output layer reuses the shared embeddings.
-    pub fn load(settings: &T5Settings, vb: VarBuilder) -> Result<Self> {
+    pub fn load(settings: &T5Settings, vb: Weights) -> Result<Self> {
         let _span = tracing::debug_span!(
             "load_t5",
             encoder = settings.encoder_layers,
@@ -321,8 +323,9 @@ impl T5Model {
         } else {
             "encoder.embed_tokens"
         };
-        let shared =
-            candle_nn::embedding(settings.vocab_size, settings.d_model, vb.pp(shared_name))?;
+        let shared = vb
+            .pp(shared_name)
+            .embedding(settings.vocab_size, settings.d_model)?;
         let stack = |name: &str, layers: usize, decoder: bool| -> Result<Vec<Block>> {
             (0..layers)
                 .map(|i| {
@@ -355,10 +358,36 @@ impl T5Model {
                 settings.layer_norm_eps,
             )?,
             shared,
-            lm_head,
+            device: lm_head.device().clone(),
+            lm_head: Linear::new(lm_head, None),
             settings: settings.clone(),
             dtype,
         })
+    }
+
+    /// Every fully connected layer, the output layer included.
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut linears: Vec<&mut Linear> = Vec::new();
+        for block in self.encoder.iter_mut().chain(self.decoder.iter_mut()) {
+            let mut attentions = vec![&mut block.self_attention];
+            if let Some((cross, _)) = block.cross_attention.as_mut() {
+                attentions.push(cross);
+            }
+            for attention in attentions {
+                linears.extend([
+                    &mut attention.q,
+                    &mut attention.k,
+                    &mut attention.v,
+                    &mut attention.o,
+                ]);
+            }
+            let ff = &mut block.feed_forward;
+            linears.push(&mut ff.wi_0);
+            linears.extend(ff.wi_1.as_mut());
+            linears.push(&mut ff.wo);
+        }
+        linears.push(&mut self.lm_head);
+        linears
     }
 
     /// The settings the model was built from.
@@ -397,7 +426,7 @@ impl T5Model {
         caches: &mut [KvCache],
         cross: &CrossContext,
     ) -> Result<Tensor> {
-        let device = self.lm_head.device();
+        let device = &self.device;
         let ids = Tensor::from_vec(tokens.to_vec(), (tokens.len(), 1), device)?;
         let mut hidden = self.shared.forward(&ids)?;
         let first = &self.decoder[0].self_attention;
@@ -430,7 +459,7 @@ impl T5Model {
         if self.settings.scale_decoder_outputs {
             output = (output * (self.settings.d_model as f64).powf(-0.5))?;
         }
-        let logits = output.squeeze(1)?.matmul(&self.lm_head.t()?)?;
+        let logits = self.lm_head.forward(&output.squeeze(1)?)?;
         logits.to_dtype(DType::F32)
     }
 }
@@ -466,7 +495,7 @@ impl LanguageModel for T5Model {
     }
 
     fn device(&self) -> &Device {
-        self.lm_head.device()
+        &self.device
     }
 
     fn max_sequence_length(&self) -> Option<usize> {
@@ -479,6 +508,10 @@ impl LanguageModel for T5Model {
 
     fn decoder_start_token_id(&self) -> Option<u32> {
         Some(self.settings.decoder_start_token_id)
+    }
+
+    fn quantize(&mut self, kind: QuantKind) -> Result<QuantizationReport> {
+        quantize_all(self.linears_mut(), kind)
     }
 
     fn start<'a>(
@@ -624,7 +657,11 @@ mod precision_tests {
             "layer.layer_norm.weight".to_string(),
             Tensor::ones(4, DType::F32, &device).unwrap(),
         );
-        let vb = VarBuilder::from_tensors(tensors, DType::F16, &device);
+        let vb = Weights::from_var_builder(candle_nn::VarBuilder::from_tensors(
+            tensors,
+            DType::F16,
+            &device,
+        ));
         let wo_vb = vb.clone().set_dtype(DType::F32);
         let feed_forward = FeedForward::load(&settings, vb.pp("layer"), wo_vb.pp("layer")).unwrap();
 

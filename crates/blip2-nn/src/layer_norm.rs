@@ -1,6 +1,5 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, D, DType, Layout, Module, Result, Shape, Tensor};
-use candle_nn::VarBuilder;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
@@ -20,7 +19,7 @@ pub struct LayerNorm {
 
 impl LayerNorm {
     /// Loads `weight` and `bias` of shape `[size]`, as `torch.nn.LayerNorm` stores them.
-    pub fn load(vb: VarBuilder, size: usize, eps: f64) -> Result<Self> {
+    pub fn load(vb: crate::Weights, size: usize, eps: f64) -> Result<Self> {
         Ok(Self {
             weight: Some(vb.get(size, "weight")?),
             bias: Some(vb.get(size, "bias")?),
@@ -40,7 +39,7 @@ impl LayerNorm {
     }
 
     /// Loads an RMS norm (T5's `T5LayerNorm`): scale only, no mean subtraction, no bias.
-    pub fn rms(vb: VarBuilder, size: usize, eps: f64) -> Result<Self> {
+    pub fn rms(vb: crate::Weights, size: usize, eps: f64) -> Result<Self> {
         Ok(Self {
             weight: Some(vb.get(size, "weight")?),
             bias: None,

@@ -10,10 +10,14 @@
 mod activation;
 mod attention;
 mod config_error;
+pub mod kernels;
 mod layer_norm;
+mod linear;
+mod weights;
 
 pub use activation::Activation;
 pub use attention::{additive_mask_value, scaled_dot_product_attention, softmax_f32};
-pub use candle_nn::{Linear, linear, linear_no_bias};
 pub use config_error::ConfigError;
 pub use layer_norm::LayerNorm;
+pub use linear::{GEMV_MAX_ROWS, Linear, linear, linear_no_bias};
+pub use weights::{MappedMatrix, MappedTensors, Weights};

@@ -165,7 +165,7 @@ impl Blip2 {
             model: model.into(),
             fingerprint: self.fingerprint()?,
             num_query_tokens: self.model().config().num_query_tokens,
-            embed_dim: heads.vision_projection.weight().dim(0)?,
+            embed_dim: heads.vision_projection.out_features(),
         })
     }
 

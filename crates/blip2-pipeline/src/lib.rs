@@ -38,7 +38,9 @@ pub use config::Blip2Config;
 pub use error::{Error, Result};
 pub use indexing::{IndexEvent, IndexReport, PHOTO_EXTENSIONS, SearchResult, find_photos};
 pub use model::{Blip2Model, ImageFeatures, RetrievalHeads};
-pub use pipeline::{Blip2, Caption, DEFAULT_MAX_NEW_TOKENS, LoadOptions, parse_dtype};
+pub use pipeline::{
+    Blip2, Caption, DEFAULT_MAX_NEW_TOKENS, LoadOptions, parse_dtype, parse_quantization,
+};
 pub use retrieval::{MatchScore, TextBatch, contrastive_similarity, normalize};
 pub use tokenizer::TextTokenizer;
 

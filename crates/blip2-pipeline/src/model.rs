@@ -6,10 +6,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use blip2_lm::{LanguageModel, OptModel, T5Model, TextConfig};
 use blip2_nn::{ConfigError, Linear};
+use blip2_nn::{MappedTensors, Weights};
 use blip2_qformer::{QFormer, QFormerSettings, TextEmbeddings};
 use blip2_vision::{EvaVisionModel, VisionEncoder};
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::VarBuilder;
 
 use crate::{Blip2Config, Error, Result};
 
@@ -51,7 +51,7 @@ impl RetrievalHeads {
     fn load(
         settings: &QFormerSettings,
         embed_dim: usize,
-        vb: VarBuilder,
+        vb: Weights,
     ) -> candle_core::Result<Self> {
         let hidden = settings.hidden_size;
         Ok(Self {
@@ -126,18 +126,26 @@ impl Blip2Model {
             .resolve(vision_settings.hidden_size)
             .map_err(|e| invalid(e, "qformer_config"))?;
 
-        // SAFETY: the files are memory-mapped read-only; candle copies each tensor out
-        // at load time, so later changes to the files cannot alter loaded weights.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(weights, dtype, device) }.map_err(
-            |source| Error::Weights {
-                dir: dir.clone(),
-                source,
-            },
-        )?;
         let weights_error = |source: candle_core::Error| Error::Weights {
             dir: dir.clone(),
             source,
         };
+        // SAFETY: the files are memory-mapped read-only. candle copies small tensors out
+        // at load time; in f32 the fully connected layers read their matrices in place,
+        // so the checkpoint files must not be modified while the model is loaded (as
+        // with PyTorch's memory-mapped safetensors loading).
+        let var_builder =
+            unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(weights, dtype, device) }
+                .map_err(weights_error)?;
+        let mapped = if dtype == DType::F32 && device.is_cpu() {
+            // SAFETY: as above.
+            Some(std::sync::Arc::new(
+                unsafe { MappedTensors::open(weights) }.map_err(weights_error)?,
+            ))
+        } else {
+            None
+        };
+        let vb = Weights::new(var_builder, mapped);
 
         let has_language = vb.contains_tensor("language_projection.weight");
         let has_retrieval = vb.contains_tensor("itm_head.weight");
@@ -232,6 +240,29 @@ impl Blip2Model {
         })
     }
 
+    /// Quantizes the language model's fully connected layers (see
+    /// [`LanguageModel::quantize`]).
+    pub fn quantize_language_model(
+        &mut self,
+        kind: blip2_lm::QuantKind,
+    ) -> Result<blip2_lm::QuantizationReport> {
+        let head = self.language.as_mut().ok_or_else(|| {
+            Error::InvalidRequest(
+                "only a captioning checkpoint has a language model to quantize".into(),
+            )
+        })?;
+        let report = head.model.quantize(kind)?;
+        tracing::info!(
+            ?kind,
+            layers = report.quantized,
+            left_dense = report.left_dense,
+            megabytes_before = report.bytes_before / 1_000_000,
+            megabytes_after = report.bytes_after / 1_000_000,
+            "quantized the language model"
+        );
+        Ok(report)
+    }
+
     /// How many images the vision encoder has processed since loading.
     pub fn images_encoded(&self) -> usize {
         self.images_encoded.load(Ordering::Relaxed)
@@ -262,6 +293,11 @@ impl Blip2Model {
                     .into(),
             )
         })
+    }
+
+    /// The vision encoder.
+    pub fn vision_encoder(&self) -> &dyn VisionEncoder {
+        self.vision.as_ref()
     }
 
     /// The Q-Former.
@@ -301,7 +337,7 @@ fn load_language(
     config: &Blip2Config,
     config_path: &Path,
     qformer_width: usize,
-    vb: &VarBuilder,
+    vb: &Weights,
 ) -> std::result::Result<LanguageHead, LoadError> {
     let text_hidden = config.text_config.hidden_size();
     let projection = blip2_nn::linear(qformer_width, text_hidden, vb.pp("language_projection"))?;

@@ -23,6 +23,9 @@ pub struct LoadOptions {
     pub dtype: DType,
     /// Where the weights live.
     pub device: Device,
+    /// Quantize the language model's fully connected layers to 8 or 4 bits after
+    /// loading (CPU only); the vision encoder and the Q-Former stay as they are.
+    pub quantize: Option<blip2_lm::QuantKind>,
 }
 
 impl Default for LoadOptions {
@@ -30,7 +33,19 @@ impl Default for LoadOptions {
         Self {
             dtype: DType::F32,
             device: Device::Cpu,
+            quantize: None,
         }
+    }
+}
+
+/// Parses `q8` or `q4`.
+pub fn parse_quantization(name: &str) -> Result<blip2_lm::QuantKind> {
+    match name {
+        "q8" => Ok(blip2_lm::QuantKind::Q8),
+        "q4" => Ok(blip2_lm::QuantKind::Q4),
+        other => Err(Error::InvalidRequest(format!(
+            "unknown quantization {other:?}; expected q8 or q4"
+        ))),
     }
 }
 
@@ -101,13 +116,16 @@ impl Blip2 {
         let bos = config.text_config.bos_token_id();
         let tokenizer =
             TextTokenizer::load(&files.tokenizer, files.tokenizer_config.as_deref(), bos)?;
-        let model = Blip2Model::load(
+        let mut model = Blip2Model::load(
             &config,
             &files.config,
             &files.weights,
             options.dtype,
             &options.device,
         )?;
+        if let Some(kind) = options.quantize {
+            model.quantize_language_model(kind)?;
+        }
         Ok(Self {
             model,
             tokenizer,

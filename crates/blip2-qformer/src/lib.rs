@@ -8,7 +8,7 @@
 //!
 //! ```no_run
 //! use blip2_qformer::{QFormer, QFormerConfig};
-//! # fn run(vb: candle_nn::VarBuilder, query_tokens: &candle_core::Tensor, image: &candle_core::Tensor) -> candle_core::Result<()> {
+//! # fn run(vb: blip2_nn::Weights, query_tokens: &candle_core::Tensor, image: &candle_core::Tensor) -> candle_core::Result<()> {
 //! let config: QFormerConfig = serde_json::from_str("{}").unwrap();
 //! let qformer = QFormer::load(&config.resolve(1408).unwrap(), vb.pp("qformer"))?;
 //! let queries = qformer.query_features(query_tokens, image)?; // [batch, 32, 768]

@@ -1,8 +1,8 @@
+use blip2_nn::Weights;
 use blip2_nn::{
     Activation, LayerNorm, Linear, additive_mask_value, linear, scaled_dot_product_attention,
 };
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::VarBuilder;
 
 use crate::QFormerSettings;
 
@@ -21,7 +21,7 @@ struct AttentionBlock {
 impl AttentionBlock {
     /// `key_width` is the hidden size for self-attention and the image feature width
     /// for cross-attention.
-    fn load(settings: &QFormerSettings, key_width: usize, vb: VarBuilder) -> Result<Self> {
+    fn load(settings: &QFormerSettings, key_width: usize, vb: Weights) -> Result<Self> {
         let hidden = settings.hidden_size;
         let head_dim = hidden / settings.num_heads;
         Ok(Self {
@@ -77,7 +77,7 @@ impl FeedForward {
     /// Loads `{prefix}.dense` and `{output_prefix}.dense` / `.LayerNorm`.
     fn load(
         settings: &QFormerSettings,
-        vb: VarBuilder,
+        vb: Weights,
         intermediate: &str,
         output: &str,
     ) -> Result<Self> {
@@ -118,7 +118,7 @@ struct Layer {
 }
 
 impl Layer {
-    fn load(settings: &QFormerSettings, index: usize, vb: VarBuilder) -> Result<Self> {
+    fn load(settings: &QFormerSettings, index: usize, vb: Weights) -> Result<Self> {
         let cross_attention = if settings.has_cross_attention(index) {
             Some(AttentionBlock::load(
                 settings,
@@ -212,7 +212,7 @@ pub struct QFormer {
 
 impl QFormer {
     /// Loads the weights under `vb` (usually the `qformer` prefix).
-    pub fn load(settings: &QFormerSettings, vb: VarBuilder) -> Result<Self> {
+    pub fn load(settings: &QFormerSettings, vb: Weights) -> Result<Self> {
         let _span = tracing::debug_span!("load_qformer", layers = settings.num_layers).entered();
         let layers = (0..settings.num_layers)
             .map(|i| Layer::load(settings, i, vb.pp(format!("encoder.layer.{i}"))))

@@ -1,5 +1,6 @@
+use blip2_nn::Weights;
 use candle_core::{Result, Tensor};
-use candle_nn::{Embedding, Module, VarBuilder};
+use candle_nn::{Embedding, Module};
 
 use crate::QFormerSettings;
 
@@ -15,19 +16,15 @@ pub struct TextEmbeddings {
 
 impl TextEmbeddings {
     /// Loads `word_embeddings` and `position_embeddings` under `vb` (usually `embeddings`).
-    pub fn load(settings: &QFormerSettings, vb: VarBuilder) -> Result<Self> {
+    pub fn load(settings: &QFormerSettings, vb: Weights) -> Result<Self> {
         let hidden = settings.hidden_size;
         Ok(Self {
-            word_embeddings: candle_nn::embedding(
-                settings.vocab_size,
-                hidden,
-                vb.pp("word_embeddings"),
-            )?,
-            position_embeddings: candle_nn::embedding(
-                settings.max_position_embeddings,
-                hidden,
-                vb.pp("position_embeddings"),
-            )?,
+            word_embeddings: vb
+                .pp("word_embeddings")
+                .embedding(settings.vocab_size, hidden)?,
+            position_embeddings: vb
+                .pp("position_embeddings")
+                .embedding(settings.max_position_embeddings, hidden)?,
             max_positions: settings.max_position_embeddings,
         })
     }

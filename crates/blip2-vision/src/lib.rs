@@ -7,7 +7,7 @@
 //!
 //! ```no_run
 //! use blip2_vision::{EvaVisionModel, VisionConfig, VisionEncoder};
-//! # fn run(vb: candle_nn::VarBuilder, pixels: &candle_core::Tensor) -> candle_core::Result<()> {
+//! # fn run(vb: blip2_nn::Weights, pixels: &candle_core::Tensor) -> candle_core::Result<()> {
 //! let config: VisionConfig = serde_json::from_str(r#"{"hidden_size": 1408}"#).unwrap();
 //! let model = EvaVisionModel::load(&config.resolve().unwrap(), vb.pp("vision_model"))?;
 //! let features = model.encode(pixels)?; // [batch, 257, 1408] for 224-pixel images

@@ -1,6 +1,6 @@
+use blip2_nn::Weights;
 use blip2_nn::{Activation, LayerNorm, Linear, linear, scaled_dot_product_attention};
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::VarBuilder;
 
 use crate::{VisionEncoder, VisionSettings, resize_position_grid};
 
@@ -18,7 +18,7 @@ struct Embeddings {
 }
 
 impl Embeddings {
-    fn load(settings: &VisionSettings, vb: VarBuilder) -> Result<Self> {
+    fn load(settings: &VisionSettings, vb: Weights) -> Result<Self> {
         let hidden = settings.hidden_size;
         let patch = settings.patch_size;
         let conv_weight = vb.get((hidden, 3, patch, patch), "patch_embedding.weight")?;
@@ -116,7 +116,7 @@ impl Attention {
     /// Published checkpoints store the bias in one of two layouts: transformers 5 saves
     /// one `qkv.bias` `[3 * hidden]`; older checkpoints (and the original LAVIS weights)
     /// save `q_bias` and `v_bias`, the key part being zero by construction.
-    fn load(settings: &VisionSettings, vb: VarBuilder) -> Result<Self> {
+    fn load(settings: &VisionSettings, vb: Weights) -> Result<Self> {
         let hidden = settings.hidden_size;
         let weight = vb.get((3 * hidden, hidden), "qkv.weight")?;
         let bias = if vb.contains_tensor("qkv.bias") {
@@ -171,7 +171,7 @@ struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    fn load(settings: &VisionSettings, vb: VarBuilder) -> Result<Self> {
+    fn load(settings: &VisionSettings, vb: Weights) -> Result<Self> {
         let (hidden, eps) = (settings.hidden_size, settings.layer_norm_eps);
         Ok(Self {
             layer_norm1: LayerNorm::load(vb.pp("layer_norm1"), hidden, eps)?,
@@ -204,7 +204,7 @@ pub struct EvaVisionModel {
 
 impl EvaVisionModel {
     /// Loads the weights under `vb` (usually the `vision_model` prefix), in `vb`'s dtype.
-    pub fn load(settings: &VisionSettings, vb: VarBuilder) -> Result<Self> {
+    pub fn load(settings: &VisionSettings, vb: Weights) -> Result<Self> {
         let _span =
             tracing::debug_span!("load_vision_model", layers = settings.num_layers).entered();
         let layers = (0..settings.num_layers)

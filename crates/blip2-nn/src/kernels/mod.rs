@@ -1,0 +1,250 @@
+//! CPU kernels for the matrix products that dominate BLIP-2's run time.
+//!
+//! Each kernel has a portable Rust version and, on x86-64, an AVX-512 version chosen
+//! at run time when the processor has the needed instructions (`avx512f`, `avx512bw`,
+//! `avx512dq`, `avx512vl`, plus `avx512vnni` for int8 and `avx512bf16` for bfloat16). Results of the
+//! two versions agree to float rounding; the tests compare them.
+//!
+//! - [`gemv_f32`]: `y = x · Wᵀ` for a few rows of `x`, streaming `W` once; decoding is
+//!   bound by memory bandwidth, so this is what decides the time per token.
+//! - [`quant`]: 8-bit and 4-bit weights in blocks of 32 with one scale each, and the
+//!   product with activations quantized to 8 bits per block (`vpdpbusd`).
+//! - [`bf16`]: bfloat16 weights with `vdpbf16ps`.
+
+pub mod bf16;
+pub mod quant;
+
+use rayon::prelude::*;
+
+/// What the processor offers the kernels, detected once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CpuFeatures {
+    /// AVX-512 foundation, byte/word, doubleword/quadword and vector-length extensions.
+    pub avx512: bool,
+    /// AVX-512 VNNI (`vpdpbusd`), for int8 products.
+    pub avx512_vnni: bool,
+    /// AVX-512 BF16 (`vdpbf16ps`), for bfloat16 products.
+    pub avx512_bf16: bool,
+}
+
+/// The processor's features (all false off x86-64).
+pub fn cpu_features() -> CpuFeatures {
+    static FEATURES: std::sync::OnceLock<CpuFeatures> = std::sync::OnceLock::new();
+    *FEATURES.get_or_init(detect)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn detect() -> CpuFeatures {
+    let avx512 = is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512dq")
+        && is_x86_feature_detected!("avx512vl");
+    CpuFeatures {
+        avx512,
+        avx512_vnni: avx512 && is_x86_feature_detected!("avx512vnni"),
+        avx512_bf16: avx512 && is_x86_feature_detected!("avx512bf16"),
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detect() -> CpuFeatures {
+    CpuFeatures {
+        avx512: false,
+        avx512_vnni: false,
+        avx512_bf16: false,
+    }
+}
+
+/// Output rows handled together by one task, so that each task streams a
+/// contiguous slice of the weights.
+const ROWS_PER_TASK: usize = 64;
+
+/// `out[m][n] = Σ_k x[m][k] · w[n][k]` for `m < rows`, with `w` `[n_out, k]` and `x`
+/// `[rows, k]` row-major; `out` is `[rows, n_out]`. Parallel over blocks of `w`'s rows.
+pub fn gemv_f32(w: &[f32], x: &[f32], out: &mut [f32], rows: usize, n_out: usize, k: usize) {
+    assert_eq!(w.len(), n_out * k, "weights must be n_out × k");
+    assert_eq!(x.len(), rows * k, "inputs must be rows × k");
+    assert_eq!(out.len(), rows * n_out, "outputs must be rows × n_out");
+    let features = cpu_features();
+    let mut transposed = vec![0f32; n_out * rows];
+    transposed
+        .par_chunks_mut(ROWS_PER_TASK * rows)
+        .enumerate()
+        .for_each(|(task, block)| {
+            let first = task * ROWS_PER_TASK;
+            for (i, outputs) in block.chunks_mut(rows).enumerate() {
+                let row = &w[(first + i) * k..(first + i + 1) * k];
+                for (m, output) in outputs.iter_mut().enumerate() {
+                    *output = dot_f32(row, &x[m * k..(m + 1) * k], features);
+                }
+            }
+        });
+    for n in 0..n_out {
+        for m in 0..rows {
+            out[m * n_out + n] = transposed[n * rows + m];
+        }
+    }
+}
+
+/// `out = x · wᵀ` for any number of rows, with `w` `[n_out, k]`, `x` `[rows, k]` and
+/// `out` `[rows, n_out]`, all row-major: the `gemm` crate's blocked kernels (the ones
+/// candle uses), on all of candle's threads.
+pub fn gemm_f32(w: &[f32], x: &[f32], out: &mut [f32], rows: usize, n_out: usize, k: usize) {
+    assert_eq!(w.len(), n_out * k, "weights must be n_out × k");
+    assert_eq!(x.len(), rows * k, "inputs must be rows × k");
+    assert_eq!(out.len(), rows * n_out, "outputs must be rows × n_out");
+    let threads = candle_core::utils::get_num_threads();
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the three buffers have the asserted sizes and the strides describe them:
+    // x is [rows, k] row-major, wᵀ is [k, n_out] with unit row stride, out [rows, n_out].
+    unsafe {
+        gemm::gemm(
+            rows,
+            n_out,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n_out as isize,
+            false,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            k as isize,
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+/// Dot product of two equal-length slices.
+pub fn dot_f32(a: &[f32], b: &[f32], features: CpuFeatures) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if features.avx512 {
+        // SAFETY: the features were detected at run time.
+        return unsafe { dot_f32_avx512(a, b) };
+    }
+    let _ = features;
+    dot_f32_portable(a, b)
+}
+
+/// Eight partial sums let the compiler vectorise without reordering across lanes.
+fn dot_f32_portable(a: &[f32], b: &[f32]) -> f32 {
+    let mut sums = [0f32; 8];
+    let chunks = a.len() / 8;
+    for c in 0..chunks {
+        for lane in 0..8 {
+            sums[lane] += a[c * 8 + lane] * b[c * 8 + lane];
+        }
+    }
+    let mut total: f32 = sums.iter().sum();
+    for i in chunks * 8..a.len() {
+        total += a[i] * b[i];
+    }
+    total
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot_f32_avx512(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len());
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let mut i = 0;
+    while i + 64 <= n {
+        for (j, sum) in acc.iter_mut().enumerate() {
+            // SAFETY: i + 16 * j + 16 <= n, within both slices.
+            let va = unsafe { _mm512_loadu_ps(a.as_ptr().add(i + 16 * j)) };
+            let vb = unsafe { _mm512_loadu_ps(b.as_ptr().add(i + 16 * j)) };
+            *sum = _mm512_fmadd_ps(va, vb, *sum);
+        }
+        i += 64;
+    }
+    while i + 16 <= n {
+        // SAFETY: i + 16 <= n.
+        let va = unsafe { _mm512_loadu_ps(a.as_ptr().add(i)) };
+        let vb = unsafe { _mm512_loadu_ps(b.as_ptr().add(i)) };
+        acc[0] = _mm512_fmadd_ps(va, vb, acc[0]);
+        i += 16;
+    }
+    let sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+    let mut total = _mm512_reduce_add_ps(sum);
+    while i < n {
+        total += a[i] * b[i];
+        i += 1;
+    }
+    total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn pseudo_random(len: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..len)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn gemv_matches_naive_products() {
+        for (rows, n_out, k) in [(1, 70, 33), (3, 130, 256), (5, 64, 1000)] {
+            let w = pseudo_random(n_out * k, 1);
+            let x = pseudo_random(rows * k, 2);
+            let mut out = vec![0f32; rows * n_out];
+            gemv_f32(&w, &x, &mut out, rows, n_out, k);
+            for m in 0..rows {
+                for n in 0..n_out {
+                    let expected: f64 = (0..k)
+                        .map(|i| w[n * k + i] as f64 * x[m * k + i] as f64)
+                        .sum();
+                    let got = out[m * n_out + n] as f64;
+                    assert!(
+                        (got - expected).abs() < 1e-4 * (1.0 + expected.abs()),
+                        "[{m}, {n}]: {got} vs {expected}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn gemm_matches_gemv() {
+        let (rows, n_out, k) = (20, 37, 300);
+        let w = pseudo_random(n_out * k, 11);
+        let x = pseudo_random(rows * k, 12);
+        let mut by_gemm = vec![0f32; rows * n_out];
+        let mut by_gemv = vec![0f32; rows * n_out];
+        gemm_f32(&w, &x, &mut by_gemm, rows, n_out, k);
+        gemv_f32(&w, &x, &mut by_gemv, rows, n_out, k);
+        for (i, (a, b)) in by_gemm.iter().zip(&by_gemv).enumerate() {
+            assert!((a - b).abs() < 1e-4, "output {i}: {a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn simd_and_portable_dots_agree() {
+        let a = pseudo_random(1037, 3);
+        let b = pseudo_random(1037, 4);
+        let portable = dot_f32_portable(&a, &b);
+        let chosen = dot_f32(&a, &b, cpu_features());
+        assert!((portable - chosen).abs() < 1e-4, "{portable} vs {chosen}");
+    }
+}

@@ -1,0 +1,201 @@
+//! Checkpoint weights as the layers load them.
+//!
+//! Small tensors (norms, biases, embeddings) come from candle's [`VarBuilder`] and are
+//! copied into memory in the requested dtype. The float32 weight matrices of the fully
+//! connected layers, which are nearly all of a checkpoint's bytes, are used in place
+//! from the memory-mapped safetensors files when the model runs in `f32`: loading reads
+//! nothing, and pages are brought in by the first product that needs them.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Result, Shape, Tensor};
+use candle_nn::{Embedding, VarBuilder};
+use memmap2::Mmap;
+
+/// Where one tensor's bytes are in the mapped files.
+#[derive(Debug, Clone)]
+struct Entry {
+    file: usize,
+    offset: usize,
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+}
+
+/// Memory-mapped safetensors files and the position of every tensor in them.
+#[derive(Debug)]
+pub struct MappedTensors {
+    files: Vec<Arc<Mmap>>,
+    entries: HashMap<String, Entry>,
+}
+
+impl MappedTensors {
+    /// Maps `paths` read-only and indexes their tensors.
+    ///
+    /// # Safety
+    ///
+    /// The files must not be modified while mapped: the weights are read in place.
+    pub unsafe fn open(paths: &[PathBuf]) -> Result<Self> {
+        let mut files = Vec::with_capacity(paths.len());
+        let mut entries = HashMap::new();
+        for (index, path) in paths.iter().enumerate() {
+            let file = std::fs::File::open(path).map_err(|e| io_error(path, e))?;
+            // SAFETY: the caller promises the file is not modified while mapped.
+            let mmap = unsafe { Mmap::map(&file) }.map_err(|e| io_error(path, e))?;
+            let tensors = safetensors::SafeTensors::deserialize(&mmap).map_err(|e| {
+                candle_core::Error::Msg(format!("cannot read {}: {e}", path.display()))
+            })?;
+            for (name, view) in tensors.tensors() {
+                let offset = view.data().as_ptr() as usize - mmap.as_ptr() as usize;
+                entries.insert(
+                    name,
+                    Entry {
+                        file: index,
+                        offset,
+                        dtype: view.dtype(),
+                        shape: view.shape().to_vec(),
+                    },
+                );
+            }
+            files.push(Arc::new(mmap));
+        }
+        Ok(Self { files, entries })
+    }
+
+    /// The float32 matrix `name` of shape `[rows, cols]`, in place, when the file stores
+    /// it as aligned little-endian float32 of that shape.
+    fn f32_matrix(&self, name: &str, rows: usize, cols: usize) -> Option<MappedMatrix> {
+        let entry = self.entries.get(name)?;
+        if entry.dtype != safetensors::Dtype::F32
+            || entry.shape != [rows, cols]
+            || !cfg!(target_endian = "little")
+        {
+            return None;
+        }
+        let file = self.files[entry.file].clone();
+        let address = file.as_ptr() as usize + entry.offset;
+        if !address.is_multiple_of(std::mem::align_of::<f32>())
+            || entry.offset + rows * cols * 4 > file.len()
+        {
+            return None;
+        }
+        Some(MappedMatrix {
+            file,
+            offset: entry.offset,
+            rows,
+            cols,
+        })
+    }
+}
+
+fn io_error(path: &Path, error: std::io::Error) -> candle_core::Error {
+    candle_core::Error::Msg(format!("cannot map {}: {error}", path.display()))
+}
+
+/// A float32 `[rows, cols]` matrix read in place from a mapped file.
+#[derive(Debug, Clone)]
+pub struct MappedMatrix {
+    file: Arc<Mmap>,
+    offset: usize,
+    rows: usize,
+    cols: usize,
+}
+
+impl MappedMatrix {
+    /// The values, row-major.
+    pub fn values(&self) -> &[f32] {
+        let bytes = &self.file[self.offset..self.offset + self.rows * self.cols * 4];
+        // SAFETY: the construction checked the alignment, the length and the dtype, and
+        // any bit pattern is a valid f32.
+        unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<f32>(), self.rows * self.cols) }
+    }
+
+    /// `[rows, cols]`.
+    pub fn shape(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+}
+
+/// The weights under one prefix of a checkpoint.
+#[derive(Clone)]
+pub struct Weights {
+    vb: VarBuilder<'static>,
+    mapped: Option<Arc<MappedTensors>>,
+}
+
+impl std::fmt::Debug for Weights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Weights")
+            .field("prefix", &self.vb.prefix())
+            .field("dtype", &self.vb.dtype())
+            .finish()
+    }
+}
+
+impl Weights {
+    /// Weights read through `vb`, with float32 matrices used in place from `mapped`.
+    pub fn new(vb: VarBuilder<'static>, mapped: Option<Arc<MappedTensors>>) -> Self {
+        Self { vb, mapped }
+    }
+
+    /// Weights read through `vb` only (every tensor copied).
+    pub fn from_var_builder(vb: VarBuilder<'static>) -> Self {
+        Self { vb, mapped: None }
+    }
+
+    /// The weights under `prefix.name`.
+    pub fn pp(&self, name: impl ToString) -> Self {
+        Self {
+            vb: self.vb.pp(name),
+            mapped: self.mapped.clone(),
+        }
+    }
+
+    /// The same weights, loaded as `dtype`.
+    pub fn set_dtype(self, dtype: DType) -> Self {
+        Self {
+            vb: self.vb.set_dtype(dtype),
+            mapped: self.mapped,
+        }
+    }
+
+    /// The dtype tensors are loaded as.
+    pub fn dtype(&self) -> DType {
+        self.vb.dtype()
+    }
+
+    /// The dotted prefix, for messages.
+    pub fn prefix(&self) -> String {
+        self.vb.prefix()
+    }
+
+    /// Whether the checkpoint has `name` under this prefix.
+    pub fn contains_tensor(&self, name: &str) -> bool {
+        self.vb.contains_tensor(name)
+    }
+
+    /// Loads `name` with the expected shape (an error names the tensor and both shapes).
+    pub fn get<S: Into<Shape>>(&self, shape: S, name: &str) -> Result<Tensor> {
+        self.vb.get(shape, name)
+    }
+
+    /// The float32 matrix `name` `[rows, cols]` in place, when the model runs in `f32`
+    /// and the file stores it so.
+    pub fn mapped_matrix(&self, name: &str, rows: usize, cols: usize) -> Option<MappedMatrix> {
+        if self.vb.dtype() != DType::F32 || !self.vb.device().is_cpu() {
+            return None;
+        }
+        let full = if self.vb.prefix().is_empty() {
+            name.to_owned()
+        } else {
+            format!("{}.{name}", self.vb.prefix())
+        };
+        self.mapped.as_ref()?.f32_matrix(&full, rows, cols)
+    }
+
+    /// An embedding table `weight` `[entries, width]`.
+    pub fn embedding(&self, entries: usize, width: usize) -> Result<Embedding> {
+        Ok(Embedding::new(self.get((entries, width), "weight")?, width))
+    }
+}

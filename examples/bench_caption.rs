@@ -1,0 +1,115 @@
+//! Times each stage of one caption and reports it as JSON, for the side-by-side
+//! comparison with PyTorch in `scripts/bench_vs_pytorch.py`:
+//!
+//! `cargo run --release --example bench_caption -- MODEL IMAGE [--dtype f32|bf16|f16] [--quantize q8|q4] [--tokens 20]`
+//!
+//! The caption is forced to exactly `--tokens` new tokens (minimum = maximum), greedy.
+//! One caption runs first (reported as `first_caption_s`); the stage timings and the
+//! end-to-end `total_s` are measured after it.
+//! Peak memory is the process's peak resident set size (`VmHWM`), read at the end.
+
+use std::time::Instant;
+
+use blip2::pipeline::{Blip2, LoadOptions, parse_dtype, parse_quantization};
+
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+fn arg_value(args: &[String], name: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let [model, image, ..] = args.as_slice() else {
+        return Err("usage: bench_caption MODEL IMAGE [--dtype f32|bf16|f16] [--tokens N]".into());
+    };
+    let dtype = parse_dtype(&arg_value(&args, "--dtype").unwrap_or_else(|| "f32".into()))?;
+    let tokens: usize = arg_value(&args, "--tokens").map_or(Ok(20), |t| t.parse())?;
+    let quantize = arg_value(&args, "--quantize")
+        .map(|q| parse_quantization(&q))
+        .transpose()?;
+
+    let start = Instant::now();
+    let blip2 = Blip2::from_pretrained(
+        model,
+        &LoadOptions {
+            dtype,
+            quantize,
+            ..Default::default()
+        },
+    )?;
+    let load_s = start.elapsed().as_secs_f64();
+
+    let mut options = blip2.default_generation_options();
+    options.max_new_tokens = tokens;
+    options.min_new_tokens = tokens;
+
+    // The first caption pays for bringing memory-mapped weights in; the stage timings
+    // below are taken after it.
+    let start = Instant::now();
+    let photo = blip2::image::load_image(image, &Default::default())?;
+    blip2.caption(&photo, None, &options)?;
+    let first_caption_s = start.elapsed().as_secs_f64();
+
+    let start = Instant::now();
+    let photo = blip2::image::load_image(image, &Default::default())?;
+    let pixels = blip2.pixel_values(std::slice::from_ref(&photo))?;
+    let preprocess_s = start.elapsed().as_secs_f64();
+
+    let model_ref = blip2.model();
+    let start = Instant::now();
+    let vision = model_ref
+        .vision_encoder()
+        .encode(&pixels.to_dtype(model_ref.dtype())?)?;
+    let vision_s = start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    let _queries = model_ref
+        .qformer()
+        .query_features(model_ref.query_tokens(), &vision)?;
+    let qformer_s = start.elapsed().as_secs_f64();
+
+    let features = blip2.encode_images(&pixels)?;
+    let start = Instant::now();
+    let _logits = blip2.first_token_logits(&features, &[])?;
+    let prefill_s = start.elapsed().as_secs_f64();
+
+    let start = Instant::now();
+    let captions = blip2.generate_from_features(&features, &[], &options, None)?;
+    let generate_s = start.elapsed().as_secs_f64();
+    let generated = captions[0][0].token_ids.len();
+
+    // End to end: what `blip2 caption` does after loading.
+    let start = Instant::now();
+    let photo = blip2::image::load_image(image, &Default::default())?;
+    let caption = blip2.caption(&photo, None, &options)?;
+    let total_s = start.elapsed().as_secs_f64();
+
+    let decode_per_token_s = (generate_s - prefill_s) / (generated.max(2) - 1) as f64;
+    let report = serde_json::json!({
+        "dtype": format!("{dtype:?}"),
+        "quantize": format!("{quantize:?}"),
+        "threads": std::env::var("RAYON_NUM_THREADS").ok(),
+        "load_s": load_s,
+        "first_caption_s": first_caption_s,
+        "preprocess_s": preprocess_s,
+        "vision_s": vision_s,
+        "qformer_s": qformer_s,
+        "prefill_s": prefill_s,
+        "decode_per_token_s": decode_per_token_s,
+        "generate_s": generate_s,
+        "generated_tokens": generated,
+        "total_s": total_s,
+        "caption_tokens": caption.token_ids.len(),
+        "peak_rss_bytes": peak_rss_bytes(),
+    });
+    println!("{report}");
+    Ok(())
+}
