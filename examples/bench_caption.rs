@@ -1,7 +1,8 @@
 //! Times each stage of one caption and reports it as JSON, for the side-by-side
 //! comparison with PyTorch in `scripts/bench_vs_pytorch.py`:
 //!
-//! `cargo run --release --example bench_caption -- MODEL IMAGE [--dtype f32|bf16|f16] [--quantize q8|q4] [--tokens 20]`
+//! `cargo run --release --example bench_caption -- MODEL IMAGE [--dtype f32|bf16|f16] [--quantize q8|q4]
+//! [--low-memory] [--tokens 20]`
 //!
 //! The caption is forced to exactly `--tokens` new tokens (minimum = maximum), greedy.
 //! One caption runs first (reported as `first_caption_s`); the stage timings and the
@@ -33,6 +34,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let dtype = parse_dtype(&arg_value(&args, "--dtype").unwrap_or_else(|| "f32".into()))?;
     let tokens: usize = arg_value(&args, "--tokens").map_or(Ok(20), |t| t.parse())?;
+    let low_memory = args.iter().any(|a| a == "--low-memory");
     let quantize = arg_value(&args, "--quantize")
         .map(|q| parse_quantization(&q))
         .transpose()?;
@@ -43,6 +45,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         &LoadOptions {
             dtype,
             quantize,
+            low_memory,
             ..Default::default()
         },
     )?;
@@ -96,6 +99,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let report = serde_json::json!({
         "dtype": format!("{dtype:?}"),
         "quantize": format!("{quantize:?}"),
+        "low_memory": low_memory,
         "threads": std::env::var("RAYON_NUM_THREADS").ok(),
         "load_s": load_s,
         "first_caption_s": first_caption_s,

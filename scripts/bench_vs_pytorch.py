@@ -187,7 +187,9 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, default=Path.home() / ".cache/blip2-bench/blip2-opt-2.7b-random")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=20)
-    parser.add_argument("--modes", default="f32,bf16", help="dtypes of this project to run (f32, bf16, f16)")
+    parser.add_argument("--modes", default="f32,bf16,f32-q4",
+                        help="this project's runs: a dtype (f32, bf16, f16), optionally with -q8 or -q4 for a "
+                             "quantized language model")
     parser.add_argument("--torch-dtypes", default="float32,bfloat16")
     parser.add_argument("--torch-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -212,10 +214,16 @@ def main() -> None:
              "--tokens", str(args.tokens), "--threads", str(args.threads)], env)
     for mode in args.modes.split(","):
         print(f"blip2-rs {mode} ...", file=sys.stderr)
-        results[f"rust {mode}"] = run_json(
-            [str(binary), str(args.checkpoint), str(PHOTO), "--dtype", mode, "--tokens", str(args.tokens)], env)
+        dtype, _, quantize = mode.partition("-")
+        command = [str(binary), str(args.checkpoint), str(PHOTO), "--dtype", dtype, "--tokens", str(args.tokens)]
+        if quantize:
+            command += ["--quantize", quantize]
+        results[f"rust {mode}"] = run_json(command, env)
 
-    counterpart = {"f32": "torch float32", "bf16": "torch bfloat16", "f16": "torch bfloat16"}
+    # Each run is compared with PyTorch at the same dtype; quantized runs with PyTorch's
+    # fastest, bfloat16.
+    def counterpart(mode: str) -> str:
+        return "torch float32" if mode == "f32" else "torch bfloat16"
     print(f"Machine: {args.threads} threads; read bandwidth {limits['bandwidth'] / 1e9:.1f} GB/s; PyTorch matmul "
           + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in limits["matmul"].items()))
     figures = ["load_s", "first_caption_s", "preprocess_s", "vision_s", "qformer_s", "prefill_s", "decode_per_token_s", "total_s",
@@ -227,19 +235,22 @@ def main() -> None:
         for figure in figures:
             value = result.get(figure)
             text = f"{value / 2**30:.2f} GiB" if figure == "peak_rss_bytes" else f"{value:.3f}"
-            reference = results.get(counterpart.get(name.split()[-1], ""))
+            reference = results.get(counterpart(name.split()[-1]))
             if name.startswith("rust") and reference and reference.get(figure):
                 text += f" ({value / reference[figure]:.2f}x)"
             cells.append(text)
         print(f"| {name} | " + " | ".join(cells) + " |")
 
-    weight_bytes = {"f32": 4, "bf16": 2, "f16": 2}
+    # Bytes per language-model weight read per token: 8-bit codes carry a float32 scale per
+    # 32 weights, 4-bit codes likewise.
+    weight_bytes = {"f32": 4, "bf16": 2, "f16": 2, "q8": 1.125, "q4": 0.625}
     language_params = 2.65e9
     vision_flops = 2 * 1.0e9 * 257
     for name, result in results.items():
         if name.startswith("rust"):
             mode = name.split()[-1]
-            bound = language_params * weight_bytes.get(mode, 4) / limits["bandwidth"]
+            dtype, _, quantize = mode.partition("-")
+            bound = language_params * weight_bytes[quantize or dtype] / limits["bandwidth"]
             print(f"{name}: decode {result['decode_per_token_s']:.3f} s/token vs bandwidth bound {bound:.3f} s "
                   f"({result['decode_per_token_s'] / bound:.2f}x); vision {vision_flops / result['vision_s'] / 1e9:.0f} GFLOP/s")
 

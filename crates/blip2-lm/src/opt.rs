@@ -1,10 +1,10 @@
 //! Meta's OPT decoder (`OPTForCausalLM` in transformers).
 
-use blip2_nn::Weights;
 use blip2_nn::{
     Activation, LayerNorm, Linear, additive_mask_value, linear_no_bias,
     scaled_dot_product_attention,
 };
+use blip2_nn::{TokenEmbedding, Weights};
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
 use candle_nn::Embedding;
 
@@ -126,7 +126,7 @@ impl DecoderLayer {
 /// The OPT decoder with its language-model head.
 #[derive(Debug, Clone)]
 pub struct OptModel {
-    embed_tokens: Embedding,
+    embed_tokens: TokenEmbedding,
     embed_positions: Embedding,
     project_in: Option<Linear>,
     project_out: Option<Linear>,
@@ -150,7 +150,7 @@ impl OptModel {
         let decoder = vb.pp("model.decoder");
         let embed_tokens = decoder
             .pp("embed_tokens")
-            .embedding(settings.vocab_size, settings.embedding_size)?;
+            .token_embedding(settings.vocab_size, settings.embedding_size)?;
         let embed_positions = decoder.pp("embed_positions").embedding(
             settings.max_positions + OPT_POSITION_OFFSET,
             settings.hidden_size,
@@ -180,17 +180,18 @@ impl OptModel {
             None
         };
         let lm_head = if vb.contains_tensor("lm_head.weight") || !settings.tie_word_embeddings {
-            vb.get(
-                (settings.vocab_size, settings.embedding_size),
-                "lm_head.weight",
+            linear_no_bias(
+                settings.embedding_size,
+                settings.vocab_size,
+                vb.pp("lm_head"),
             )?
         } else {
-            embed_tokens.embeddings().clone()
+            embed_tokens.as_linear()
         };
         Ok(Self {
-            dtype: lm_head.dtype(),
-            device: lm_head.device().clone(),
-            lm_head: Linear::new(lm_head, None),
+            dtype: vb.dtype(),
+            device: embed_positions.embeddings().device().clone(),
+            lm_head,
             embed_tokens,
             embed_positions,
             project_in,
@@ -259,7 +260,7 @@ impl OptModel {
 
 impl LanguageModel for OptModel {
     fn embed_tokens(&self, input_ids: &Tensor) -> Result<Tensor> {
-        self.embed_tokens.forward(input_ids)
+        self.embed_tokens.forward(input_ids)?.to_dtype(self.dtype)
     }
 
     fn embedding_size(&self) -> usize {

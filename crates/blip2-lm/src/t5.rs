@@ -7,8 +7,8 @@
 //! transformers keeps them (`_keep_in_fp32_modules`); their `f32` output makes the
 //! residual stream `f32` from then on, which is what keeps Flan-T5 from overflowing.
 
-use blip2_nn::Weights;
 use blip2_nn::{Activation, LayerNorm, Linear, additive_mask_value, linear_no_bias};
+use blip2_nn::{TokenEmbedding, Weights};
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::Embedding;
 
@@ -289,7 +289,7 @@ struct CrossContext {
 /// The T5 encoder-decoder with its language-model head.
 #[derive(Debug, Clone)]
 pub struct T5Model {
-    shared: Embedding,
+    shared: TokenEmbedding,
     encoder: Vec<Block>,
     encoder_norm: LayerNorm,
     decoder: Vec<Block>,
@@ -325,7 +325,7 @@ impl T5Model {
         };
         let shared = vb
             .pp(shared_name)
-            .embedding(settings.vocab_size, settings.d_model)?;
+            .token_embedding(settings.vocab_size, settings.d_model)?;
         let stack = |name: &str, layers: usize, decoder: bool| -> Result<Vec<Block>> {
             (0..layers)
                 .map(|i| {
@@ -340,9 +340,9 @@ impl T5Model {
                 .collect()
         };
         let lm_head = if vb.contains_tensor("lm_head.weight") {
-            vb.get((settings.vocab_size, settings.d_model), "lm_head.weight")?
+            linear_no_bias(settings.d_model, settings.vocab_size, vb.pp("lm_head"))?
         } else {
-            shared.embeddings().clone()
+            shared.as_linear()
         };
         Ok(Self {
             encoder: stack("encoder", settings.encoder_layers, false)?,
@@ -358,8 +358,8 @@ impl T5Model {
                 settings.layer_norm_eps,
             )?,
             shared,
-            device: lm_head.device().clone(),
-            lm_head: Linear::new(lm_head, None),
+            device: vb.var_device(),
+            lm_head,
             settings: settings.clone(),
             dtype,
         })
@@ -428,7 +428,7 @@ impl T5Model {
     ) -> Result<Tensor> {
         let device = &self.device;
         let ids = Tensor::from_vec(tokens.to_vec(), (tokens.len(), 1), device)?;
-        let mut hidden = self.shared.forward(&ids)?;
+        let mut hidden = self.shared.forward(&ids)?.to_dtype(self.dtype)?;
         let first = &self.decoder[0].self_attention;
         // Causal masking is implicit: the cache holds only positions up to this one.
         let self_bias =
@@ -479,7 +479,7 @@ fn padding_mask(mask: &[Vec<u8>], device: &Device) -> Result<Tensor> {
 
 impl LanguageModel for T5Model {
     fn embed_tokens(&self, input_ids: &Tensor) -> Result<Tensor> {
-        self.shared.forward(input_ids)
+        self.shared.forward(input_ids)?.to_dtype(self.dtype)
     }
 
     fn embedding_size(&self) -> usize {

@@ -20,4 +20,4 @@ pub use attention::{additive_mask_value, scaled_dot_product_attention, softmax_f
 pub use config_error::ConfigError;
 pub use layer_norm::LayerNorm;
 pub use linear::{GEMV_MAX_ROWS, Linear, linear, linear_no_bias};
-pub use weights::{MappedMatrix, MappedTensors, Weights};
+pub use weights::{MappedMatrix, MappedTensors, TokenEmbedding, Weights};

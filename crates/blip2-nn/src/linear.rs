@@ -76,6 +76,17 @@ impl Linear {
         }
     }
 
+    /// A layer that reads its float32 weight in place.
+    pub fn from_mapped(matrix: MappedMatrix, bias: Option<Tensor>) -> Self {
+        let (out_features, in_features) = matrix.shape();
+        Self {
+            weight: Weight::Mapped(matrix),
+            bias,
+            in_features,
+            out_features,
+        }
+    }
+
     /// Uses already-quantized weights.
     pub fn from_quantized(matrix: QuantMatrix, bias: Option<Tensor>) -> Self {
         let (out_features, in_features) = (matrix.rows(), matrix.cols());

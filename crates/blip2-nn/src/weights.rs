@@ -63,6 +63,44 @@ impl MappedTensors {
         Ok(Self { files, entries })
     }
 
+    /// Drops the pages of every tensor whose name starts with `prefix` from this
+    /// process's memory; they stay in the operating system's file cache and are read
+    /// back (as minor page faults) when next used. Lowers peak memory when stages run
+    /// one after another. Unix only; elsewhere it does nothing.
+    pub fn release(&self, prefix: &str) {
+        #[cfg(unix)]
+        {
+            let page = 4096;
+            for entry in self
+                .entries
+                .iter()
+                .filter(|(name, _)| name.starts_with(prefix))
+                .map(|(_, e)| e)
+            {
+                let bytes =
+                    (entry.shape.iter().product::<usize>() * entry.dtype.bitsize()).div_ceil(8);
+                let start = entry.offset / page * page;
+                let end = (entry.offset + bytes).div_ceil(page) * page;
+                let file = &self.files[entry.file];
+                let end = end.min(file.len());
+                // SAFETY: the mapping is read-only and private, so dropping its pages
+                // loses nothing: the next read brings the file's contents back.
+                let result = unsafe {
+                    file.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        start,
+                        end - start,
+                    )
+                };
+                if let Err(error) = result {
+                    tracing::debug!(%error, "the operating system did not drop weight pages");
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = prefix;
+    }
+
     /// The float32 matrix `name` of shape `[rows, cols]`, in place, when the file stores
     /// it as aligned little-endian float32 of that shape.
     fn f32_matrix(&self, name: &str, rows: usize, cols: usize) -> Option<MappedMatrix> {
@@ -165,6 +203,11 @@ impl Weights {
         self.vb.dtype()
     }
 
+    /// The device tensors are loaded on.
+    pub fn var_device(&self) -> candle_core::Device {
+        self.vb.device().clone()
+    }
+
     /// The dotted prefix, for messages.
     pub fn prefix(&self) -> String {
         self.vb.prefix()
@@ -197,5 +240,73 @@ impl Weights {
     /// An embedding table `weight` `[entries, width]`.
     pub fn embedding(&self, entries: usize, width: usize) -> Result<Embedding> {
         Ok(Embedding::new(self.get((entries, width), "weight")?, width))
+    }
+
+    /// An embedding table `weight` `[entries, width]`, read in place when it can be (a
+    /// language model's word embeddings are its largest tensor after the layers).
+    pub fn token_embedding(&self, entries: usize, width: usize) -> Result<TokenEmbedding> {
+        if let Some(mapped) = self.mapped_matrix("weight", entries, width) {
+            return Ok(TokenEmbedding::Mapped(mapped));
+        }
+        Ok(TokenEmbedding::Loaded(
+            self.get((entries, width), "weight")?,
+        ))
+    }
+}
+
+/// A token embedding table `[entries, width]`, in memory or read in place.
+#[derive(Debug, Clone)]
+pub enum TokenEmbedding {
+    /// A tensor in memory, in the model dtype.
+    Loaded(Tensor),
+    /// float32 read in place from the mapped checkpoint.
+    Mapped(MappedMatrix),
+}
+
+impl TokenEmbedding {
+    /// Rows `ids` (u32, any shape) → `[..ids, width]`.
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Loaded(table) => {
+                let width = table.dim(1)?;
+                let mut shape = ids.dims().to_vec();
+                shape.push(width);
+                table.index_select(&ids.flatten_all()?, 0)?.reshape(shape)
+            }
+            Self::Mapped(matrix) => {
+                let (entries, width) = matrix.shape();
+                let values = matrix.values();
+                let flat = ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+                let mut rows = Vec::with_capacity(flat.len() * width);
+                for &id in &flat {
+                    let id = id as usize;
+                    if id >= entries {
+                        candle_core::bail!(
+                            "token id {id} is outside the embedding table of {entries} entries"
+                        );
+                    }
+                    rows.extend_from_slice(&values[id * width..(id + 1) * width]);
+                }
+                let mut shape = ids.dims().to_vec();
+                shape.push(width);
+                Tensor::from_vec(rows, shape, ids.device())
+            }
+        }
+    }
+
+    /// The table as the weight of an output layer that shares it.
+    pub fn as_linear(&self) -> crate::Linear {
+        match self {
+            Self::Loaded(table) => crate::Linear::new(table.clone(), None),
+            Self::Mapped(matrix) => crate::Linear::from_mapped(matrix.clone(), None),
+        }
+    }
+
+    /// The dtype of the rows it returns.
+    pub fn dtype(&self) -> DType {
+        match self {
+            Self::Loaded(table) => table.dtype(),
+            Self::Mapped(_) => DType::F32,
+        }
     }
 }

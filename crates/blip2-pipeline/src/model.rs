@@ -74,6 +74,8 @@ pub struct Blip2Model {
     config: Blip2Config,
     dtype: DType,
     images_encoded: AtomicUsize,
+    mapped: Option<std::sync::Arc<MappedTensors>>,
+    release_after_use: bool,
 }
 
 impl std::fmt::Debug for Blip2Model {
@@ -145,7 +147,7 @@ impl Blip2Model {
         } else {
             None
         };
-        let vb = Weights::new(var_builder, mapped);
+        let vb = Weights::new(var_builder, mapped.clone());
 
         let has_language = vb.contains_tensor("language_projection.weight");
         let has_retrieval = vb.contains_tensor("itm_head.weight");
@@ -214,6 +216,8 @@ impl Blip2Model {
             config: config.clone(),
             dtype,
             images_encoded: AtomicUsize::new(0),
+            mapped,
+            release_after_use: false,
         })
     }
 
@@ -223,7 +227,9 @@ impl Blip2Model {
         let batch = pixel_values.dim(0)?;
         self.images_encoded.fetch_add(batch, Ordering::Relaxed);
         let vision = self.vision.encode(&pixel_values.to_dtype(self.dtype)?)?;
+        self.release("vision_model.");
         let queries = self.qformer.query_features(&self.query_tokens, &vision)?;
+        self.release("qformer.");
         let (projection, language_inputs) = match &self.language {
             Some(head) => {
                 let projection = head.projection.forward(&queries.to_dtype(self.dtype)?)?;
@@ -261,6 +267,25 @@ impl Blip2Model {
             "quantized the language model"
         );
         Ok(report)
+    }
+
+    /// Whether to drop each stage's weights from memory once it has run (see
+    /// [`crate::LoadOptions::low_memory`]); only weights read in place (`f32` on the CPU)
+    /// can be dropped.
+    pub fn set_release_weights_after_use(&mut self, release: bool) {
+        self.release_after_use = release;
+    }
+
+    fn release(&self, prefix: &str) {
+        if let (true, Some(mapped)) = (self.release_after_use, &self.mapped) {
+            mapped.release(prefix);
+        }
+    }
+
+    /// Called when a generation is over: drops the language model's weights from memory
+    /// in low-memory mode.
+    pub fn language_model_done(&self) {
+        self.release("language_model.");
     }
 
     /// How many images the vision encoder has processed since loading.

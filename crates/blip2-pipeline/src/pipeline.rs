@@ -26,6 +26,13 @@ pub struct LoadOptions {
     /// Quantize the language model's fully connected layers to 8 or 4 bits after
     /// loading (CPU only); the vision encoder and the Q-Former stay as they are.
     pub quantize: Option<blip2_lm::QuantKind>,
+    /// Drop each stage's weights from this process's memory after it runs (vision
+    /// encoder and Q-Former after encoding an image, the language model after each
+    /// generation). Applies to `f32` weights read in place from the checkpoint. Peak
+    /// memory falls to about the largest stage (the language model); every image and
+    /// generation then reads its stage's weights back from the operating system's file
+    /// cache, which costs time.
+    pub low_memory: bool,
 }
 
 impl Default for LoadOptions {
@@ -34,6 +41,7 @@ impl Default for LoadOptions {
             dtype: DType::F32,
             device: Device::Cpu,
             quantize: None,
+            low_memory: false,
         }
     }
 }
@@ -126,6 +134,7 @@ impl Blip2 {
         if let Some(kind) = options.quantize {
             model.quantize_language_model(kind)?;
         }
+        model.set_release_weights_after_use(options.low_memory);
         Ok(Self {
             model,
             tokenizer,
@@ -352,8 +361,9 @@ impl Blip2 {
             })
             .collect::<Result<Vec<_>>>()?;
         let outputs =
-            generation::generate(self.model.language_model()?, &inputs, options, on_token)?;
-        outputs
+            generation::generate(self.model.language_model()?, &inputs, options, on_token);
+        self.model.language_model_done();
+        outputs?
             .into_iter()
             .map(|sequences| {
                 sequences
@@ -387,10 +397,9 @@ impl Blip2 {
                 )
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(generation::first_logits(
-            self.model.language_model()?,
-            &inputs,
-        )?)
+        let logits = generation::first_logits(self.model.language_model()?, &inputs);
+        self.model.language_model_done();
+        Ok(logits?)
     }
 
     /// Captions (or, with prompts, continues the prompts for) a batch of pixel values.

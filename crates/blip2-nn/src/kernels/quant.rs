@@ -93,6 +93,7 @@ impl QuantMatrix {
         let mut scales = Vec::with_capacity(rows * blocks);
         let mut codes = Vec::with_capacity(rows * blocks * kind.block_bytes());
         for row in weights.chunks(cols) {
+            let mut row_codes = Vec::with_capacity(cols);
             for block in row.chunks(BLOCK) {
                 match kind {
                     QuantKind::Q8 => {
@@ -108,14 +109,17 @@ impl QuantMatrix {
                             .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
                         let scale = extreme / -8.0;
                         let inverse = if scale == 0.0 { 0.0 } else { 1.0 / scale };
-                        let q: Vec<u8> = block
-                            .iter()
-                            .map(|&v| ((v * inverse).round() + 8.0).clamp(0.0, 15.0) as u8)
-                            .collect();
                         scales.push(scale);
-                        codes.extend(pack_nibbles(&q));
+                        row_codes.extend(
+                            block
+                                .iter()
+                                .map(|&v| ((v * inverse).round() + 8.0).clamp(0.0, 15.0) as u8),
+                        );
                     }
                 }
+            }
+            if kind == QuantKind::Q4 {
+                codes.extend(pack_row_nibbles(&row_codes));
             }
         }
         Ok(Self {
@@ -185,7 +189,7 @@ impl QuantMatrix {
         let packed = &self.codes[r * bytes..(r + 1) * bytes];
         match self.kind {
             QuantKind::Q8 => packed.to_vec(),
-            QuantKind::Q4 => unpack_nibbles(packed, blocks),
+            QuantKind::Q4 => unpack_row_nibbles(packed, self.cols),
         }
     }
 
@@ -278,16 +282,21 @@ impl QuantMatrix {
     ) {
         use std::arch::x86_64::*;
         /// Inputs handled together, so that each unpacked weight vector is reused.
-        const GROUP: usize = 4;
+        const GROUP: usize = 2;
+        /// Independent sums per input, so that consecutive pairs do not wait on each
+        /// other's multiply-add.
+        const CHAINS: usize = 4;
         let blocks = self.cols / BLOCK;
         let row_bytes = blocks * self.kind.block_bytes();
         let packed = &self.codes[r * row_bytes..(r + 1) * row_bytes];
         let row_scales = &self.scales[r * blocks..(r + 1) * blocks];
         let pairs = blocks / 2;
+        // Lanes 0-7 take the first scale, lanes 8-15 the second.
+        let spread = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
         for (group, group_outputs) in outputs.chunks_mut(GROUP).enumerate() {
             let first = group * GROUP;
             let count = group_outputs.len();
-            let mut acc = [_mm512_setzero_ps(); GROUP];
+            let mut acc = [[_mm512_setzero_ps(); CHAINS]; GROUP];
             for p in 0..pairs {
                 // Two blocks: lanes 0-7 sum the first block, lanes 8-15 the second.
                 let weights = match self.kind {
@@ -298,11 +307,12 @@ impl QuantMatrix {
                     // SAFETY: 32 bytes starting at 32·p lie within the row.
                     QuantKind::Q4 => unsafe { unpack_pair_avx512(packed.as_ptr().add(32 * p)) },
                 };
-                let weight_scales = _mm512_insertf32x8::<1>(
-                    _mm512_set1_ps(row_scales[2 * p]),
-                    _mm256_set1_ps(row_scales[2 * p + 1]),
-                );
-                for (j, sum) in acc.iter_mut().enumerate().take(count) {
+                // SAFETY: the pair's two scales lie within the row's scales.
+                let two =
+                    unsafe { _mm_castpd_ps(_mm_load_sd(row_scales.as_ptr().add(2 * p).cast())) };
+                let weight_scales = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(two));
+                for (j, sums) in acc.iter_mut().enumerate().take(count) {
+                    let sum = &mut sums[p % CHAINS];
                     let m = first + j;
                     // SAFETY: every index below lies within input m's codes (64 per pair),
                     // corrections (16 per pair) and pair scales (16 per pair).
@@ -342,13 +352,17 @@ impl QuantMatrix {
             }
             for (j, output) in group_outputs.iter_mut().enumerate() {
                 let m = first + j;
-                let mut total = _mm512_reduce_add_ps(acc[j]);
+                let [a, b, c, d] = acc[j];
+                let mut total =
+                    _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a, b), _mm512_add_ps(c, d)));
                 if blocks % 2 == 1 {
                     // The last, unpaired block.
                     let b = blocks - 1;
                     let codes = match self.kind {
                         QuantKind::Q8 => packed[b * BLOCK..].to_vec(),
-                        QuantKind::Q4 => unpack_single_block(&packed[b * BLOCK / 2..]),
+                        QuantKind::Q4 => {
+                            unpack_row_nibbles(packed, self.cols)[b * BLOCK..].to_vec()
+                        }
                     };
                     let x_codes =
                         &activations.codes[m * self.cols + b * BLOCK..(m + 1) * self.cols];
@@ -366,45 +380,51 @@ impl QuantMatrix {
     }
 }
 
-/// Packs the 4-bit codes of one block: byte `i` holds code `i` in its low nibble and
-/// code `i + 16` in its high nibble.
-fn pack_nibbles(codes: &[u8]) -> Vec<u8> {
-    let half = codes.len() / 2;
-    (0..half)
-        .map(|i| codes[i] | (codes[i + half] << 4))
-        .collect()
+/// Packs a row of 4-bit codes, two per byte.
+///
+/// Blocks go in pairs of 64 codes: byte `i` of a pair holds code `i` in its low nibble
+/// and code `i + 32` in its high nibble, so a shift, an insert and an AND unpack a pair
+/// in order. A row's last block, when unpaired, packs code `i` with code `i + 16`.
+fn pack_row_nibbles(codes: &[u8]) -> Vec<u8> {
+    let mut packed = Vec::with_capacity(codes.len() / 2);
+    let paired = codes.len() / 64 * 64;
+    for pair in codes[..paired].chunks(64) {
+        packed.extend((0..32).map(|i| pair[i] | (pair[i + 32] << 4)));
+    }
+    if let Some(last) = codes.get(paired..).filter(|rest| !rest.is_empty()) {
+        packed.extend((0..16).map(|i| last[i] | (last[i + 16] << 4)));
+    }
+    packed
 }
 
-fn unpack_single_block(packed: &[u8]) -> Vec<u8> {
-    let mut codes = vec![0u8; BLOCK];
-    for i in 0..BLOCK / 2 {
-        codes[i] = packed[i] & 0x0F;
-        codes[i + BLOCK / 2] = packed[i] >> 4;
+/// Inverse of [`pack_row_nibbles`] for a row of `cols` codes.
+fn unpack_row_nibbles(packed: &[u8], cols: usize) -> Vec<u8> {
+    let mut codes = vec![0u8; cols];
+    let paired = cols / 64 * 64;
+    for (p, bytes) in packed[..paired / 2].chunks(32).enumerate() {
+        for (i, &byte) in bytes.iter().enumerate() {
+            codes[64 * p + i] = byte & 0x0F;
+            codes[64 * p + 32 + i] = byte >> 4;
+        }
+    }
+    if cols > paired {
+        for (i, &byte) in packed[paired / 2..].iter().enumerate().take(16) {
+            codes[paired + i] = byte & 0x0F;
+            codes[paired + 16 + i] = byte >> 4;
+        }
     }
     codes
-}
-
-fn unpack_nibbles(packed: &[u8], blocks: usize) -> Vec<u8> {
-    packed
-        .chunks(BLOCK / 2)
-        .take(blocks)
-        .flat_map(unpack_single_block)
-        .collect()
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn unpack_pair_avx512(pointer: *const u8) -> std::arch::x86_64::__m512i {
     use std::arch::x86_64::*;
-    // SAFETY: the caller guarantees 32 readable bytes; each block packs code i with i + 16.
+    // SAFETY: the caller guarantees 32 readable bytes, packed by `pack_row_nibbles`.
     let bytes = unsafe { _mm256_loadu_si256(pointer.cast()) };
-    let mask = _mm256_set1_epi8(0x0F);
-    let low = _mm256_and_si256(bytes, mask);
-    let high = _mm256_and_si256(_mm256_srli_epi16::<4>(bytes), mask);
-    // low = [block0 codes 0..16, block1 codes 0..16], high = [block0 16..32, block1 16..32].
-    let first = _mm256_permute2x128_si256::<0x20>(low, high);
-    let second = _mm256_permute2x128_si256::<0x31>(low, high);
-    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(first), second)
+    let both =
+        _mm512_inserti64x4::<1>(_mm512_castsi256_si512(bytes), _mm256_srli_epi16::<4>(bytes));
+    _mm512_and_si512(both, _mm512_set1_epi8(0x0F))
 }
 
 /// Activations quantized to 8-bit codes per block of 32, with block sums of the codes,
