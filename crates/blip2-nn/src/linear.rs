@@ -160,7 +160,16 @@ impl Linear {
                 QuantMatrix::quantize(kind, &values, self.out_features, self.in_features)
             }
             Weight::Mapped(mapped) => {
-                QuantMatrix::quantize(kind, mapped.values(), self.out_features, self.in_features)
+                let matrix = QuantMatrix::quantize(
+                    kind,
+                    mapped.values(),
+                    self.out_features,
+                    self.in_features,
+                );
+                // The float32 pages were read once to quantize; dropping them now keeps
+                // peak memory near the quantized size. A later read brings them back.
+                mapped.release();
+                matrix
             }
         }
         .map_err(candle_core::Error::Msg)?;

@@ -68,37 +68,15 @@ impl MappedTensors {
     /// back (as minor page faults) when next used. Lowers peak memory when stages run
     /// one after another. Unix only; elsewhere it does nothing.
     pub fn release(&self, prefix: &str) {
-        #[cfg(unix)]
+        for entry in self
+            .entries
+            .iter()
+            .filter(|(name, _)| name.starts_with(prefix))
+            .map(|(_, e)| e)
         {
-            let page = 4096;
-            for entry in self
-                .entries
-                .iter()
-                .filter(|(name, _)| name.starts_with(prefix))
-                .map(|(_, e)| e)
-            {
-                let bytes =
-                    (entry.shape.iter().product::<usize>() * entry.dtype.bitsize()).div_ceil(8);
-                let start = entry.offset / page * page;
-                let end = (entry.offset + bytes).div_ceil(page) * page;
-                let file = &self.files[entry.file];
-                let end = end.min(file.len());
-                // SAFETY: the mapping is read-only and private, so dropping its pages
-                // loses nothing: the next read brings the file's contents back.
-                let result = unsafe {
-                    file.unchecked_advise_range(
-                        memmap2::UncheckedAdvice::DontNeed,
-                        start,
-                        end - start,
-                    )
-                };
-                if let Err(error) = result {
-                    tracing::debug!(%error, "the operating system did not drop weight pages");
-                }
-            }
+            let bytes = (entry.shape.iter().product::<usize>() * entry.dtype.bitsize()).div_ceil(8);
+            release_range(&self.files[entry.file], entry.offset, bytes);
         }
-        #[cfg(not(unix))]
-        let _ = prefix;
     }
 
     /// The float32 matrix `name` of shape `[rows, cols]`, in place, when the file stores
@@ -127,6 +105,28 @@ impl MappedTensors {
     }
 }
 
+/// Drops the pages covering `offset..offset + bytes` of a read-only mapping; they are
+/// read back from the file cache when next used. Unix only; elsewhere it does nothing.
+fn release_range(file: &Mmap, offset: usize, bytes: usize) {
+    #[cfg(unix)]
+    {
+        let page = 4096;
+        let start = offset / page * page;
+        let end = (offset + bytes).div_ceil(page) * page;
+        let end = end.min(file.len());
+        // SAFETY: the mapping is read-only, so dropping its pages loses nothing: the next
+        // read brings the file's contents back.
+        let result = unsafe {
+            file.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
+        };
+        if let Err(error) = result {
+            tracing::debug!(%error, "the operating system did not drop weight pages");
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (file, offset, bytes);
+}
+
 fn io_error(path: &Path, error: std::io::Error) -> candle_core::Error {
     candle_core::Error::Msg(format!("cannot map {}: {error}", path.display()))
 }
@@ -152,6 +152,11 @@ impl MappedMatrix {
     /// `[rows, cols]`.
     pub fn shape(&self) -> (usize, usize) {
         (self.rows, self.cols)
+    }
+
+    /// Drops this matrix's pages from the process's memory (see [`MappedTensors::release`]).
+    pub fn release(&self) {
+        release_range(&self.file, self.offset, self.rows * self.cols * 4);
     }
 }
 

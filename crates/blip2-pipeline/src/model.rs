@@ -258,6 +258,11 @@ impl Blip2Model {
             )
         })?;
         let report = head.model.quantize(kind)?;
+        // Quantizing read every float32 matrix through the mapping; those pages are no
+        // longer used (the quantized copies are), so they need not stay in memory.
+        if let Some(mapped) = &self.mapped {
+            mapped.release("language_model.");
+        }
         tracing::info!(
             ?kind,
             layers = report.quantized,

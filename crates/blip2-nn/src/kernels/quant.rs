@@ -56,6 +56,40 @@ pub struct QuantMatrix {
     codes: Vec<u8>,
 }
 
+/// Quantizes one row: its block scales and its stored codes.
+fn quantize_row(kind: QuantKind, row: &[f32]) -> (Vec<f32>, Vec<u8>) {
+    let mut scales = Vec::with_capacity(row.len() / BLOCK);
+    let mut codes = Vec::with_capacity(row.len());
+    for block in row.chunks(BLOCK) {
+        match kind {
+            QuantKind::Q8 => {
+                let (scale, q) = quantize_block(block, 127.0);
+                scales.push(scale);
+                codes.extend(q.iter().map(|&c| (c + 128) as u8));
+            }
+            QuantKind::Q4 => {
+                // llama.cpp's Q4_0 choice: the largest-magnitude value maps to -8, so the
+                // full code range is used.
+                let extreme = block
+                    .iter()
+                    .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+                let scale = extreme / -8.0;
+                let inverse = if scale == 0.0 { 0.0 } else { 1.0 / scale };
+                scales.push(scale);
+                codes.extend(
+                    block
+                        .iter()
+                        .map(|&v| ((v * inverse).round() + 8.0).clamp(0.0, 15.0) as u8),
+                );
+            }
+        }
+    }
+    if kind == QuantKind::Q4 {
+        codes = pack_row_nibbles(&codes);
+    }
+    (scales, codes)
+}
+
 /// Quantizes one block of values symmetrically to codes in `-limit..=limit`.
 fn quantize_block(values: &[f32], limit: f32) -> (f32, Vec<i32>) {
     let max = values.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -90,37 +124,16 @@ impl QuantMatrix {
             ));
         }
         let blocks = cols / BLOCK;
+        // Rows are independent: quantize them in parallel, then concatenate in order.
+        let per_row: Vec<(Vec<f32>, Vec<u8>)> = weights
+            .par_chunks(cols)
+            .map(|row| quantize_row(kind, row))
+            .collect();
         let mut scales = Vec::with_capacity(rows * blocks);
         let mut codes = Vec::with_capacity(rows * blocks * kind.block_bytes());
-        for row in weights.chunks(cols) {
-            let mut row_codes = Vec::with_capacity(cols);
-            for block in row.chunks(BLOCK) {
-                match kind {
-                    QuantKind::Q8 => {
-                        let (scale, q) = quantize_block(block, 127.0);
-                        scales.push(scale);
-                        codes.extend(q.iter().map(|&c| (c + 128) as u8));
-                    }
-                    QuantKind::Q4 => {
-                        // llama.cpp's Q4_0 choice: the largest-magnitude value maps to -8,
-                        // so the full code range is used.
-                        let extreme = block
-                            .iter()
-                            .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
-                        let scale = extreme / -8.0;
-                        let inverse = if scale == 0.0 { 0.0 } else { 1.0 / scale };
-                        scales.push(scale);
-                        row_codes.extend(
-                            block
-                                .iter()
-                                .map(|&v| ((v * inverse).round() + 8.0).clamp(0.0, 15.0) as u8),
-                        );
-                    }
-                }
-            }
-            if kind == QuantKind::Q4 {
-                codes.extend(pack_row_nibbles(&row_codes));
-            }
+        for (row_scales, row_codes) in per_row {
+            scales.extend(row_scales);
+            codes.extend(row_codes);
         }
         Ok(Self {
             kind,
