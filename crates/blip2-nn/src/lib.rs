@@ -19,5 +19,5 @@ pub use activation::Activation;
 pub use attention::{additive_mask_value, scaled_dot_product_attention, softmax_f32};
 pub use config_error::ConfigError;
 pub use layer_norm::LayerNorm;
-pub use linear::{GEMV_MAX_ROWS, Linear, linear, linear_no_bias};
+pub use linear::{GEMV_MAX_ROWS, Linear, linear, linear_no_bias, linear_with_bias};
 pub use weights::{MappedMatrix, MappedTensors, TokenEmbedding, Weights};

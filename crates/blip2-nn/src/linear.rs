@@ -46,6 +46,17 @@ pub fn linear_no_bias(in_features: usize, out_features: usize, weights: Weights)
     load(in_features, out_features, &weights, None)
 }
 
+/// Loads `weight` `[out, in]` under `weights`, with a bias the caller assembled (some
+/// checkpoints store it in parts).
+pub fn linear_with_bias(
+    in_features: usize,
+    out_features: usize,
+    weights: Weights,
+    bias: Option<Tensor>,
+) -> Result<Linear> {
+    load(in_features, out_features, &weights, bias)
+}
+
 fn load(
     in_features: usize,
     out_features: usize,

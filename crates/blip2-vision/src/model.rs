@@ -1,5 +1,7 @@
 use blip2_nn::Weights;
-use blip2_nn::{Activation, LayerNorm, Linear, linear, scaled_dot_product_attention};
+use blip2_nn::{
+    Activation, LayerNorm, Linear, linear, linear_with_bias, scaled_dot_product_attention,
+};
 use candle_core::{DType, Module, Result, Tensor};
 
 use crate::{VisionEncoder, VisionSettings, resize_position_grid};
@@ -118,7 +120,6 @@ impl Attention {
     /// save `q_bias` and `v_bias`, the key part being zero by construction.
     fn load(settings: &VisionSettings, vb: Weights) -> Result<Self> {
         let hidden = settings.hidden_size;
-        let weight = vb.get((3 * hidden, hidden), "qkv.weight")?;
         let bias = if vb.contains_tensor("qkv.bias") {
             Some(vb.get(3 * hidden, "qkv.bias")?)
         } else if vb.contains_tensor("q_bias") || vb.contains_tensor("v_bias") {
@@ -136,7 +137,7 @@ impl Attention {
         };
         let head_dim = hidden / settings.num_heads;
         Ok(Self {
-            qkv: Linear::new(weight, bias),
+            qkv: linear_with_bias(hidden, 3 * hidden, vb.pp("qkv"), bias)?,
             projection: linear(hidden, hidden, vb.pp("projection"))?,
             num_heads: settings.num_heads,
             scale: (head_dim as f64).powf(-0.5),
