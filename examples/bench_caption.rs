@@ -1,7 +1,7 @@
 //! Times each stage of one caption and reports it as JSON, for the side-by-side
 //! comparison with PyTorch in `scripts/bench_vs_pytorch.py`:
 //!
-//! `cargo run --release --example bench_caption -- MODEL IMAGE [--dtype f32|bf16|f16] [--quantize q8|q4]
+//! `cargo run --release --example bench_caption -- MODEL IMAGE [--dtype f32|bf16|f16] [--quantize q8|q4|FILE]
 //! [--low-memory] [--tokens 20]`
 //!
 //! The caption is forced to exactly `--tokens` new tokens (minimum = maximum), greedy.
@@ -30,14 +30,20 @@ fn arg_value(args: &[String], name: &str) -> Option<String> {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [model, image, ..] = args.as_slice() else {
-        return Err("usage: bench_caption MODEL IMAGE [--dtype f32|bf16|f16] [--tokens N]".into());
+        return Err("usage: bench_caption MODEL IMAGE [--dtype f32|bf16|f16] \
+                    [--quantize q8|q4|FILE] [--low-memory] [--tokens N]"
+            .into());
     };
     let dtype = parse_dtype(&arg_value(&args, "--dtype").unwrap_or_else(|| "f32".into()))?;
     let tokens: usize = arg_value(&args, "--tokens").map_or(Ok(20), |t| t.parse())?;
     let low_memory = args.iter().any(|a| a == "--low-memory");
-    let quantize = arg_value(&args, "--quantize")
-        .map(|q| parse_quantization(&q))
-        .transpose()?;
+    // `q8` or `q4` quantizes at load; anything else names a file `blip2 quantize` wrote.
+    let quantize_arg = arg_value(&args, "--quantize");
+    let (quantize, quantized_weights) = match quantize_arg.as_deref() {
+        Some(name @ ("q8" | "q4")) => (Some(parse_quantization(name)?), None),
+        Some(path) => (None, Some(std::path::PathBuf::from(path))),
+        None => (None, None),
+    };
 
     let start = Instant::now();
     let blip2 = Blip2::from_pretrained(
@@ -45,6 +51,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         &LoadOptions {
             dtype,
             quantize,
+            quantized_weights,
             low_memory,
             ..Default::default()
         },
@@ -98,7 +105,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let decode_per_token_s = (generate_s - prefill_s) / (generated.max(2) - 1) as f64;
     let report = serde_json::json!({
         "dtype": format!("{dtype:?}"),
-        "quantize": format!("{quantize:?}"),
+        "quantize": quantize_arg,
         "low_memory": low_memory,
         "threads": std::env::var("RAYON_NUM_THREADS").ok(),
         "load_s": load_s,

@@ -13,7 +13,9 @@ one configuration: PyTorch transformers (versions pinned in scripts/requirements
 --torch-dtypes, and this project's `bench_caption` example in each of --modes. Both caption
 images/chelsea.png greedily with exactly --tokens new tokens, on --threads threads. The table gives
 the time of each stage, the end-to-end caption time after loading, the load time, the peak memory,
-and the ratio of each figure to PyTorch's at the same dtype. The machine's limits come first: read
+and the ratio of each figure to PyTorch's at the same dtype. Quantized modes first run
+`blip2 quantize`, which saves the quantized layers next to the checkpoint (the run then loads that
+file) and prints the quality cost against float32 on the photos in images/. The machine's limits come first: read
 bandwidth and matrix-multiply rate measured here, and how close decoding and the vision encoder come
 to them.
 """
@@ -161,6 +163,22 @@ def warm_page_cache(checkpoint: Path) -> None:
                 pass
 
 
+def quantized_file(cli: Path, checkpoint: Path, kind: str, env: dict, quality: dict) -> Path:
+    """Quantize the language model with `blip2 quantize`, saving the layers next to the checkpoint,
+    and record the quality cost it measures on the repository's photos."""
+    path = checkpoint.parent / f"{checkpoint.name}.{kind}.safetensors"
+    if kind in quality:
+        return path
+    photos = sorted(str(p) for p in (REPO / "images").iterdir() if p.suffix in (".png", ".jpg"))
+    print(f"blip2 quantize --kind {kind} ...", file=sys.stderr)
+    command = [str(cli), "quantize", "--model", str(checkpoint), "--kind", kind, "-o", str(path), *photos]
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"{' '.join(command)} failed:\n{result.stderr}")
+    quality[kind] = result.stdout.strip().splitlines()[-1]
+    return path
+
+
 def run_json(command: list, env: dict) -> dict:
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     if result.returncode != 0:
@@ -210,12 +228,15 @@ def main() -> None:
     if not (args.checkpoint / "model.safetensors.index.json").exists():
         print(f"writing the random checkpoint to {args.checkpoint}", file=sys.stderr)
         write_checkpoint(args.checkpoint)
-    subprocess.run(["cargo", "build", "--release", "--example", "bench_caption"], cwd=REPO, check=True)
+    subprocess.run(["cargo", "build", "--release", "--example", "bench_caption", "-p", "blip2"], cwd=REPO, check=True)
+    subprocess.run(["cargo", "build", "--release", "-p", "blip2-cli"], cwd=REPO, check=True)
     binary = REPO / "target" / "release" / "examples" / "bench_caption"
+    cli = REPO / "target" / "release" / "blip2"
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads))
 
     limits = machine_limits(args.threads)
     results = {}
+    quality = {}
     for dtype in args.torch_dtypes.split(","):
         print(f"PyTorch {dtype} ...", file=sys.stderr)
         warm_page_cache(args.checkpoint)
@@ -227,7 +248,10 @@ def main() -> None:
         dtype, *extras = mode.split("-")
         command = [str(binary), str(args.checkpoint), str(PHOTO), "--dtype", dtype, "--tokens", str(args.tokens)]
         for extra in extras:
-            command += ["--low-memory"] if extra == "lowmem" else ["--quantize", extra]
+            if extra == "lowmem":
+                command += ["--low-memory"]
+            else:
+                command += ["--quantize", str(quantized_file(cli, args.checkpoint, extra, env, quality))]
         warm_page_cache(args.checkpoint)
         results[f"rust {mode}"] = run_json(command, env)
 
@@ -251,6 +275,9 @@ def main() -> None:
                 text += f" ({value / reference[figure]:.2f}x)"
             cells.append(text)
         print(f"| {name} | " + " | ".join(cells) + " |")
+
+    for kind, line in quality.items():
+        print(line)
 
     # Bytes per language-model weight read per token: 8-bit codes carry a float32 scale per
     # 32 weights, 4-bit codes likewise.

@@ -1,5 +1,7 @@
 //! Options shared by the subcommands: which model, how to decode, how to read images.
 
+use std::path::PathBuf;
+
 use anyhow::Context;
 use blip2_pipeline::{
     Blip2, EarlyStopping, GenerationOptions, LoadOptions, parse_dtype, parse_quantization,
@@ -25,10 +27,11 @@ pub struct ModelArgs {
     #[arg(long)]
     pub threads: Option<usize>,
 
-    /// Quantize the language model's fully connected layers to 8 or 4 bits when loading
-    /// (faster decoding, a quarter or an eighth of the memory; see the README for the
-    /// measured quality cost).
-    #[arg(long, value_parser = ["q8", "q4"])]
+    /// Quantize the language model's fully connected layers to 8 or 4 bits: `q8` or `q4`
+    /// quantizes when loading; a file path reads the layers `blip2 quantize` saved
+    /// (faster decoding, about a quarter or an eighth of the memory; see the README for
+    /// the measured quality cost).
+    #[arg(long, value_name = "q8|q4|FILE")]
     pub quantize: Option<String>,
 
     /// Drop each stage's f32 weights from memory after it runs, so that peak memory is
@@ -47,25 +50,31 @@ impl ModelArgs {
     /// Sets the thread count and loads `--model`, or `default` without it.
     pub fn load(&self, default: &str) -> anyhow::Result<Blip2> {
         let model = self.name(default);
-        if let Some(threads) = self.threads {
-            anyhow::ensure!(threads > 0, "--threads must be at least 1");
-            // candle sizes its thread pools from this variable when they are first used,
-            // which is after this point; no other thread exists yet.
-            unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
-        }
-        let options = LoadOptions {
+        set_threads(self.threads)?;
+        let mut options = LoadOptions {
             dtype: parse_dtype(&self.dtype)?,
-            quantize: self
-                .quantize
-                .as_deref()
-                .map(parse_quantization)
-                .transpose()?,
             low_memory: self.low_memory,
             ..LoadOptions::default()
         };
+        match self.quantize.as_deref() {
+            Some(name @ ("q8" | "q4")) => options.quantize = Some(parse_quantization(name)?),
+            Some(path) => options.quantized_weights = Some(PathBuf::from(path)),
+            None => {}
+        }
         Blip2::from_pretrained(model, &options)
             .with_context(|| format!("cannot load model {model}"))
     }
+}
+
+/// Sets the number of threads the model uses, before any model code runs.
+pub fn set_threads(threads: Option<usize>) -> anyhow::Result<()> {
+    if let Some(threads) = threads {
+        anyhow::ensure!(threads > 0, "--threads must be at least 1");
+        // candle sizes its thread pools from this variable when they are first used,
+        // which is after this point; no other thread exists yet.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
+    }
+    Ok(())
 }
 
 /// The default checkpoint of the commands that generate text.

@@ -7,6 +7,7 @@ mod chat;
 mod embed;
 mod matching;
 mod photos;
+mod quantize;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -45,6 +46,8 @@ enum Command {
     Search(photos::SearchArgs),
     /// Serve the web demo and the HTTP API.
     Serve(serve::ServeArgs),
+    /// Quantize a checkpoint's language model once, save it, and measure the quality cost.
+    Quantize(quantize::QuantizeArgs),
 }
 
 fn init_logging(verbose: u8, serving: bool) {
@@ -76,6 +79,7 @@ fn main() -> std::process::ExitCode {
         Command::Index(args) => photos::run_index(args),
         Command::Search(args) => photos::run_search(args),
         Command::Serve(args) => serve::run(args),
+        Command::Quantize(args) => quantize::run(args),
     };
     match result {
         Ok(code) => code,

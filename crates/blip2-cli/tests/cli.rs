@@ -331,3 +331,86 @@ fn chat_through_piped_stdin() {
         "nothing is answered after /quit"
     );
 }
+
+#[test]
+fn quantize_saves_layers_that_caption_like_quantizing_at_load() {
+    let temp = tempfile::tempdir().unwrap();
+    let file = temp.path().join("opt-tiny.q4.safetensors");
+    let file_arg = file.display().to_string();
+    let model_path = model("opt-tiny");
+    let chelsea = photo("chelsea.png");
+    let missing = temp.path().join("missing.png").display().to_string();
+
+    let output = blip2(&["quantize", "--model", &model_path], None);
+    assert!(!output.status.success());
+    assert!(
+        text(&output.stderr).contains("nothing to do"),
+        "{}",
+        text(&output.stderr)
+    );
+
+    // A photo that cannot be read is reported; the others are still measured.
+    let output = blip2(
+        &[
+            "quantize",
+            "--model",
+            &model_path,
+            "--kind",
+            "q4",
+            "-o",
+            &file_arg,
+            &chelsea,
+            &missing,
+            "--positions",
+            "5",
+        ],
+        None,
+    );
+    assert!(!output.status.success());
+    let stdout = text(&output.stdout);
+    assert!(
+        stdout.contains("wrote") && stdout.contains("over 5 positions (1 photos)"),
+        "{stdout}"
+    );
+    assert!(
+        text(&output.stderr).contains("missing.png"),
+        "{}",
+        text(&output.stderr)
+    );
+
+    let caption = |quantize: &str| {
+        let output = blip2(
+            &[
+                "caption",
+                &chelsea,
+                "--model",
+                &model_path,
+                "--quantize",
+                quantize,
+                "--json",
+            ],
+            None,
+        );
+        assert!(output.status.success(), "{}", text(&output.stderr));
+        text(&output.stdout)
+    };
+    assert_eq!(caption(&file_arg), caption("q4"));
+
+    let output = blip2(
+        &[
+            "caption",
+            &chelsea,
+            "--model",
+            &model_path,
+            "--quantize",
+            &missing,
+        ],
+        None,
+    );
+    assert!(!output.status.success());
+    assert!(
+        text(&output.stderr).contains("missing.png: cannot open"),
+        "{}",
+        text(&output.stderr)
+    );
+}

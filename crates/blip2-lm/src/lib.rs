@@ -17,14 +17,16 @@ mod cache;
 mod config;
 pub mod generation;
 mod opt;
+mod quantized_file;
 mod t5;
 
 pub use cache::KvCache;
 pub use config::{OptConfig, OptSettings, T5Config, T5Settings, TextConfig};
 pub use opt::OptModel;
+pub use quantized_file::{load_quantized, save_quantized};
 pub use t5::{T5Model, relative_position_bucket};
 
-use blip2_nn::Linear;
+pub use blip2_nn::Linear;
 pub use blip2_nn::kernels::quant::QuantKind;
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -42,9 +44,12 @@ pub struct QuantizationReport {
 }
 
 /// Quantizes every layer of `linears`, counting what happened.
-fn quantize_all(linears: Vec<&mut Linear>, kind: QuantKind) -> Result<QuantizationReport> {
+fn quantize_all(
+    linears: Vec<(String, &mut Linear)>,
+    kind: QuantKind,
+) -> Result<QuantizationReport> {
     let mut report = QuantizationReport::default();
-    for linear in linears {
+    for (_, linear) in linears {
         report.bytes_before += linear.weight_bytes();
         if linear.quantize(kind)? {
             report.quantized += 1;
@@ -87,9 +92,15 @@ pub trait LanguageModel: Send + Sync {
         None
     }
 
+    /// Every fully connected layer (the output layer included) with its name in the
+    /// checkpoint, without the `language_model.` prefix and the `.weight` suffix.
+    fn linears_mut(&mut self) -> Vec<(String, &mut Linear)>;
+
     /// Quantizes the weights of the fully connected layers (the output layer included)
     /// to 8 or 4 bits. Layers whose input width is not a multiple of 32 stay as they are.
-    fn quantize(&mut self, kind: QuantKind) -> Result<QuantizationReport>;
+    fn quantize(&mut self, kind: QuantKind) -> Result<QuantizationReport> {
+        quantize_all(self.linears_mut(), kind)
+    }
 
     /// Runs the prompt and opens a decoding session.
     ///

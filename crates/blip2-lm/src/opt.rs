@@ -9,8 +9,7 @@ use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
 use candle_nn::Embedding;
 
 use crate::config::{OPT_LAYER_NORM_EPS, OPT_POSITION_OFFSET};
-use crate::{DecodeSession, KvCache, LanguageModel, OptSettings, QuantizationReport, quantize_all};
-use blip2_nn::kernels::quant::QuantKind;
+use crate::{DecodeSession, KvCache, LanguageModel, OptSettings};
 
 fn linear_maybe_bias(input: usize, output: usize, bias: bool, vb: Weights) -> Result<Linear> {
     if bias {
@@ -202,22 +201,30 @@ impl OptModel {
         })
     }
 
-    /// Every fully connected layer, the output layer included.
-    fn linears_mut(&mut self) -> Vec<&mut Linear> {
-        let mut linears: Vec<&mut Linear> = Vec::new();
-        for layer in &mut self.layers {
+    /// Every fully connected layer, the output layer included, with its checkpoint name.
+    fn named_linears(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut linears = Vec::new();
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let prefix = format!("model.decoder.layers.{i}");
             let attention = &mut layer.self_attn;
-            linears.extend([
-                &mut attention.q_proj,
-                &mut attention.k_proj,
-                &mut attention.v_proj,
-                &mut attention.out_proj,
-            ]);
-            linears.extend([&mut layer.fc1, &mut layer.fc2]);
+            for (name, linear) in [
+                ("self_attn.q_proj", &mut attention.q_proj),
+                ("self_attn.k_proj", &mut attention.k_proj),
+                ("self_attn.v_proj", &mut attention.v_proj),
+                ("self_attn.out_proj", &mut attention.out_proj),
+                ("fc1", &mut layer.fc1),
+                ("fc2", &mut layer.fc2),
+            ] {
+                linears.push((format!("{prefix}.{name}"), linear));
+            }
         }
-        linears.extend(self.project_in.as_mut());
-        linears.extend(self.project_out.as_mut());
-        linears.push(&mut self.lm_head);
+        if let Some(linear) = self.project_in.as_mut() {
+            linears.push(("model.decoder.project_in".to_owned(), linear));
+        }
+        if let Some(linear) = self.project_out.as_mut() {
+            linears.push(("model.decoder.project_out".to_owned(), linear));
+        }
+        linears.push(("lm_head".to_owned(), &mut self.lm_head));
         linears
     }
 
@@ -287,8 +294,8 @@ impl LanguageModel for OptModel {
         false
     }
 
-    fn quantize(&mut self, kind: QuantKind) -> Result<QuantizationReport> {
-        quantize_all(self.linears_mut(), kind)
+    fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        self.named_linears()
     }
 
     fn start<'a>(

@@ -12,8 +12,7 @@ use blip2_nn::{TokenEmbedding, Weights};
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::Embedding;
 
-use crate::{DecodeSession, KvCache, LanguageModel, QuantizationReport, T5Settings, quantize_all};
-use blip2_nn::kernels::quant::QuantKind;
+use crate::{DecodeSession, KvCache, LanguageModel, T5Settings};
 
 /// Largest finite `f16` minus the margin transformers leaves when it clamps activations.
 const F16_CLAMP: f64 = 65504.0 - 1000.0;
@@ -365,28 +364,49 @@ impl T5Model {
         })
     }
 
-    /// Every fully connected layer, the output layer included.
-    fn linears_mut(&mut self) -> Vec<&mut Linear> {
-        let mut linears: Vec<&mut Linear> = Vec::new();
-        for block in self.encoder.iter_mut().chain(self.decoder.iter_mut()) {
-            let mut attentions = vec![&mut block.self_attention];
-            if let Some((cross, _)) = block.cross_attention.as_mut() {
-                attentions.push(cross);
+    /// Every fully connected layer, the output layer included, with its checkpoint name.
+    fn named_linears(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut linears = Vec::new();
+        let stacks = [
+            ("encoder", &mut self.encoder),
+            ("decoder", &mut self.decoder),
+        ];
+        for (stack, blocks) in stacks {
+            for (i, block) in blocks.iter_mut().enumerate() {
+                let prefix = format!("{stack}.block.{i}.layer");
+                // The feed-forward sublayer follows the attention ones.
+                let ff_index = if block.cross_attention.is_some() {
+                    2
+                } else {
+                    1
+                };
+                let mut attentions = vec![("0.SelfAttention", &mut block.self_attention)];
+                if let Some((cross, _)) = block.cross_attention.as_mut() {
+                    attentions.push(("1.EncDecAttention", cross));
+                }
+                for (name, attention) in attentions {
+                    for (part, linear) in [
+                        ("q", &mut attention.q),
+                        ("k", &mut attention.k),
+                        ("v", &mut attention.v),
+                        ("o", &mut attention.o),
+                    ] {
+                        linears.push((format!("{prefix}.{name}.{part}"), linear));
+                    }
+                }
+                let ff_prefix = format!("{prefix}.{ff_index}.DenseReluDense");
+                let ff = &mut block.feed_forward;
+                match ff.wi_1.as_mut() {
+                    Some(wi_1) => {
+                        linears.push((format!("{ff_prefix}.wi_0"), &mut ff.wi_0));
+                        linears.push((format!("{ff_prefix}.wi_1"), wi_1));
+                    }
+                    None => linears.push((format!("{ff_prefix}.wi"), &mut ff.wi_0)),
+                }
+                linears.push((format!("{ff_prefix}.wo"), &mut ff.wo));
             }
-            for attention in attentions {
-                linears.extend([
-                    &mut attention.q,
-                    &mut attention.k,
-                    &mut attention.v,
-                    &mut attention.o,
-                ]);
-            }
-            let ff = &mut block.feed_forward;
-            linears.push(&mut ff.wi_0);
-            linears.extend(ff.wi_1.as_mut());
-            linears.push(&mut ff.wo);
         }
-        linears.push(&mut self.lm_head);
+        linears.push(("lm_head".to_owned(), &mut self.lm_head));
         linears
     }
 
@@ -510,8 +530,8 @@ impl LanguageModel for T5Model {
         Some(self.settings.decoder_start_token_id)
     }
 
-    fn quantize(&mut self, kind: QuantKind) -> Result<QuantizationReport> {
-        quantize_all(self.linears_mut(), kind)
+    fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        self.named_linears()
     }
 
     fn start<'a>(

@@ -171,24 +171,34 @@ impl Linear {
                 QuantMatrix::quantize(kind, &values, self.out_features, self.in_features)
             }
             Weight::Mapped(mapped) => {
-                let matrix = QuantMatrix::quantize(
-                    kind,
-                    mapped.values(),
-                    self.out_features,
-                    self.in_features,
-                );
-                // The float32 pages were read once to quantize; dropping them now keeps
-                // peak memory near the quantized size. A later read brings them back.
-                mapped.release();
-                matrix
+                // `set_quantized` then drops the float32 pages, read once here, so that
+                // peak memory stays near the quantized size.
+                QuantMatrix::quantize(kind, mapped.values(), self.out_features, self.in_features)
             }
         }
         .map_err(candle_core::Error::Msg)?;
+        self.set_quantized(matrix)?;
+        Ok(true)
+    }
+
+    /// Replaces the weights with `matrix` (quantized earlier, for example read from a
+    /// file), which must have this layer's shape.
+    pub fn set_quantized(&mut self, matrix: QuantMatrix) -> Result<()> {
+        let shape = (matrix.rows(), matrix.cols());
+        if shape != (self.out_features, self.in_features) {
+            candle_core::bail!(
+                "quantized weights of shape {shape:?} do not fit a layer of shape {:?}",
+                (self.out_features, self.in_features)
+            );
+        }
+        if let Weight::Mapped(mapped) = &self.weight {
+            mapped.release();
+        }
         self.weight = Weight::Quantized(Arc::new(matrix));
         if let Some(bias) = &self.bias {
             self.bias = Some(bias.to_dtype(DType::F32)?);
         }
-        Ok(true)
+        Ok(())
     }
 
     /// Bytes a product reads from the weights.

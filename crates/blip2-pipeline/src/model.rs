@@ -252,12 +252,7 @@ impl Blip2Model {
         &mut self,
         kind: blip2_lm::QuantKind,
     ) -> Result<blip2_lm::QuantizationReport> {
-        let head = self.language.as_mut().ok_or_else(|| {
-            Error::InvalidRequest(
-                "only a captioning checkpoint has a language model to quantize".into(),
-            )
-        })?;
-        let report = head.model.quantize(kind)?;
+        let report = self.language_model_mut("quantize")?.quantize(kind)?;
         // Quantizing read every float32 matrix through the mapping; those pages are no
         // longer used (the quantized copies are), so they need not stay in memory.
         if let Some(mapped) = &self.mapped {
@@ -272,6 +267,39 @@ impl Blip2Model {
             "quantized the language model"
         );
         Ok(report)
+    }
+
+    /// Reads the language model's quantized layers from `path` (written by
+    /// [`Blip2Model::save_quantized_language_model`]).
+    pub fn load_quantized_language_model(
+        &mut self,
+        path: &Path,
+    ) -> Result<blip2_lm::QuantizationReport> {
+        let model = self.language_model_mut("read quantized weights for")?;
+        let report = blip2_lm::load_quantized(model, path)?;
+        tracing::info!(
+            path = %path.display(),
+            layers = report.quantized,
+            megabytes = report.bytes_after / 1_000_000,
+            "read the quantized language model"
+        );
+        Ok(report)
+    }
+
+    /// Writes the language model's quantized layers to `path`; fails when it is not
+    /// quantized.
+    pub fn save_quantized_language_model(&mut self, path: &Path) -> Result<usize> {
+        let model = self.language_model_mut("save")?;
+        Ok(blip2_lm::save_quantized(model, path)?)
+    }
+
+    fn language_model_mut(&mut self, action: &str) -> Result<&mut dyn LanguageModel> {
+        match self.language.as_mut() {
+            Some(head) => Ok(head.model.as_mut()),
+            None => Err(Error::InvalidRequest(format!(
+                "only a captioning checkpoint has a language model to {action}"
+            ))),
+        }
     }
 
     /// Whether to drop each stage's weights from memory once it has run (see

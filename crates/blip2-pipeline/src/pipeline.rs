@@ -1,6 +1,6 @@
 //! The high-level API: load a checkpoint once, then caption images or answer prompts.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use blip2_image::{ImageProcessorConfig, PixelValues, RgbImage};
 use blip2_lm::generation::{self, GenerationConfig, GenerationOptions, PromptInput};
@@ -26,6 +26,10 @@ pub struct LoadOptions {
     /// Quantize the language model's fully connected layers to 8 or 4 bits after
     /// loading (CPU only); the vision encoder and the Q-Former stay as they are.
     pub quantize: Option<blip2_lm::QuantKind>,
+    /// Read the language model's quantized layers from a file written by
+    /// [`Blip2::save_quantized_language_model`] (`blip2 quantize`) instead of quantizing
+    /// at load. Cannot be combined with `quantize`.
+    pub quantized_weights: Option<PathBuf>,
     /// Drop each stage's weights from this process's memory after it runs (vision
     /// encoder and Q-Former after encoding an image, the language model after each
     /// generation). Applies to `f32` weights read in place from the checkpoint. Peak
@@ -41,6 +45,7 @@ impl Default for LoadOptions {
             dtype: DType::F32,
             device: Device::Cpu,
             quantize: None,
+            quantized_weights: None,
             low_memory: false,
         }
     }
@@ -48,13 +53,9 @@ impl Default for LoadOptions {
 
 /// Parses `q8` or `q4`.
 pub fn parse_quantization(name: &str) -> Result<blip2_lm::QuantKind> {
-    match name {
-        "q8" => Ok(blip2_lm::QuantKind::Q8),
-        "q4" => Ok(blip2_lm::QuantKind::Q4),
-        other => Err(Error::InvalidRequest(format!(
-            "unknown quantization {other:?}; expected q8 or q4"
-        ))),
-    }
+    blip2_lm::QuantKind::from_name(name).ok_or_else(|| {
+        Error::InvalidRequest(format!("unknown quantization {name:?}; expected q8 or q4"))
+    })
 }
 
 /// Parses `f32`, `bf16` or `f16`.
@@ -131,8 +132,19 @@ impl Blip2 {
             options.dtype,
             &options.device,
         )?;
-        if let Some(kind) = options.quantize {
-            model.quantize_language_model(kind)?;
+        match (options.quantize, &options.quantized_weights) {
+            (Some(_), Some(_)) => {
+                return Err(Error::InvalidRequest(
+                    "quantize at load or read quantized weights from a file, not both".into(),
+                ));
+            }
+            (Some(kind), None) => {
+                model.quantize_language_model(kind)?;
+            }
+            (None, Some(path)) => {
+                model.load_quantized_language_model(path)?;
+            }
+            (None, None) => {}
         }
         model.set_release_weights_after_use(options.low_memory);
         Ok(Self {
@@ -400,6 +412,37 @@ impl Blip2 {
         let logits = generation::first_logits(self.model.language_model()?, &inputs);
         self.model.language_model_done();
         Ok(logits?)
+    }
+
+    /// Writes the quantized layers of the language model to `path` (see
+    /// [`LoadOptions::quantized_weights`]); returns how many layers were written.
+    pub fn save_quantized_language_model(&mut self, path: &Path) -> Result<usize> {
+        self.model.save_quantized_language_model(path)
+    }
+
+    /// Compares the next-token logits of `candidate` (typically this checkpoint with a
+    /// quantized language model) with this model's, over `positions` greedy steps
+    /// captioning each image. Both models read the same image features (this model's).
+    pub fn compare_language_models(
+        &self,
+        candidate: &Blip2,
+        images: &[RgbImage],
+        positions: usize,
+    ) -> Result<generation::LogitAgreement> {
+        let options = self.default_generation_options();
+        let mut agreement = generation::LogitAgreement::default();
+        for image in images {
+            let features = self.encode_images(&self.pixel_values(std::slice::from_ref(image))?)?;
+            let prompt = self.prompt_input(&language_inputs(&features)?.get(0)?, "", &options)?;
+            let measured = generation::compare_greedy(
+                self.model.language_model()?,
+                candidate.model.language_model()?,
+                &prompt,
+                positions,
+            )?;
+            agreement.merge(&measured);
+        }
+        Ok(agreement)
     }
 
     /// Captions (or, with prompts, continues the prompts for) a batch of pixel values.

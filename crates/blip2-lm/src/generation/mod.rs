@@ -6,11 +6,13 @@
 //! length normalisation and stopping heuristics. Each item of a batch is decoded
 //! independently of the others; padding never changes a result.
 
+mod agreement;
 mod beam;
 mod config;
 mod processors;
 mod search;
 
+pub use agreement::{LogitAgreement, compare_greedy};
 pub use config::{EarlyStopping, GenerationConfig, GenerationOptions, TokenIds};
 
 use candle_core::{DType, Result, Tensor};

@@ -29,8 +29,25 @@ pub enum QuantKind {
 }
 
 impl QuantKind {
+    /// `q8` or `q4`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Q8 => "q8",
+            Self::Q4 => "q4",
+        }
+    }
+
+    /// The kind called `name` (`q8` or `q4`).
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "q8" => Some(Self::Q8),
+            "q4" => Some(Self::Q4),
+            _ => None,
+        }
+    }
+
     /// Bytes of codes per block.
-    fn block_bytes(self) -> usize {
+    pub fn block_bytes(self) -> usize {
         match self {
             Self::Q8 => BLOCK,
             Self::Q4 => BLOCK / 2,

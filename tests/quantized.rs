@@ -1,0 +1,150 @@
+//! Quantized language models: saving and reading the quantized layers, refusing files
+//! that do not fit, and measuring the quality cost against float32.
+
+mod common;
+
+use blip2::lm::QuantKind;
+use blip2::pipeline::{Blip2, LoadOptions};
+use common::{max_difference, model_dir, photo};
+
+fn photos() -> Vec<blip2::image::RgbImage> {
+    ["chelsea.png", "rocket.jpg"]
+        .iter()
+        .map(|p| blip2::image::load_image(photo(p), &Default::default()).unwrap())
+        .collect()
+}
+
+fn load(name: &str, options: LoadOptions) -> Blip2 {
+    Blip2::from_dir(&model_dir(name), &options).unwrap()
+}
+
+fn quantized(kind: QuantKind) -> LoadOptions {
+    LoadOptions {
+        quantize: Some(kind),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn saved_layers_load_back_to_the_same_model() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["opt-tiny", "flan-t5-tiny"] {
+        for kind in [QuantKind::Q8, QuantKind::Q4] {
+            let mut at_load = load(name, quantized(kind));
+            let file = dir
+                .path()
+                .join(format!("{name}.{}.safetensors", kind.name()));
+            let layers = at_load.save_quantized_language_model(&file).unwrap();
+            assert!(layers > 0, "{name}: no layer saved");
+
+            let from_file = load(
+                name,
+                LoadOptions {
+                    quantized_weights: Some(file.clone()),
+                    ..Default::default()
+                },
+            );
+            let pixels = at_load.pixel_values(&photos()).unwrap();
+            let features = at_load.encode_images(&pixels).unwrap();
+            let expected = at_load.first_token_logits(&features, &[]).unwrap();
+            let actual = from_file.first_token_logits(&features, &[]).unwrap();
+            let (difference, ..) = max_difference(&actual, &expected);
+            assert_eq!(
+                difference, 0.0,
+                "{name} {kind:?}: logits differ after reloading"
+            );
+
+            // A file of one model does not fit another.
+            let other = if name == "opt-tiny" {
+                "flan-t5-tiny"
+            } else {
+                "opt-tiny"
+            };
+            let error = Blip2::from_dir(
+                &model_dir(other),
+                &LoadOptions {
+                    quantized_weights: Some(file.clone()),
+                    ..Default::default()
+                },
+            )
+            .err()
+            .unwrap()
+            .to_string();
+            assert!(
+                error.contains(&file.display().to_string()) && error.contains("this checkpoint"),
+                "{other} reading {name}'s layers: {error}"
+            );
+        }
+    }
+}
+
+#[test]
+fn files_that_are_not_quantized_layers_are_refused() {
+    let weights = model_dir("opt-tiny").join("model.safetensors");
+    let error = Blip2::from_dir(
+        &model_dir("opt-tiny"),
+        &LoadOptions {
+            quantized_weights: Some(weights),
+            ..Default::default()
+        },
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(error.contains("not a file of quantized layers"), "{error}");
+
+    let both = LoadOptions {
+        quantize: Some(QuantKind::Q8),
+        quantized_weights: Some("unused.safetensors".into()),
+        ..Default::default()
+    };
+    let error = Blip2::from_dir(&model_dir("opt-tiny"), &both)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(error.contains("not both"), "{error}");
+
+    let mut float = load("opt-tiny", LoadOptions::default());
+    let error = float
+        .save_quantized_language_model(&std::env::temp_dir().join("never-written.safetensors"))
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("no quantized layer"), "{error}");
+}
+
+#[test]
+fn quality_cost_grows_as_codes_get_narrower() {
+    let positions = 12;
+    let reference = load("opt-tiny", LoadOptions::default());
+    let same = reference
+        .compare_language_models(&reference, &photos(), positions)
+        .unwrap();
+    assert_eq!(same.positions, 2 * positions);
+    assert_eq!(same.same_top_token, same.positions);
+    assert_eq!(same.max_abs_error, 0.0);
+
+    let q8 = reference
+        .compare_language_models(
+            &load("opt-tiny", quantized(QuantKind::Q8)),
+            &photos(),
+            positions,
+        )
+        .unwrap();
+    let q4 = reference
+        .compare_language_models(
+            &load("opt-tiny", quantized(QuantKind::Q4)),
+            &photos(),
+            positions,
+        )
+        .unwrap();
+    assert_eq!(q8.positions, 2 * positions);
+    assert!(q8.max_abs_error > 0.0, "q8 changed no logit");
+    assert!(
+        q8.mean_abs_error() < q4.mean_abs_error(),
+        "q8 mean error {} is not below q4's {}",
+        q8.mean_abs_error(),
+        q4.mean_abs_error()
+    );
+    // 8-bit blocks keep errors small against logits that span about ±13 here.
+    assert!(q8.max_abs_error < 0.05 * q8.max_abs_logit, "{q8:?}");
+}
