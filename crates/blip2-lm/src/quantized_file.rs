@@ -35,7 +35,7 @@ pub fn save_quantized(model: &mut dyn LanguageModel, path: &Path) -> Result<usiz
         let (layer_kind, rows, cols, scales, codes) = matrix.parts();
         kind = Some(layer_kind);
         let scale_bytes: Vec<u8> = scales.iter().flat_map(|s| s.to_le_bytes()).collect();
-        buffers.push((name, rows, cols, scale_bytes, codes.to_vec()));
+        buffers.push((name, rows, cols, scale_bytes, codes));
     }
     let Some(kind) = kind else {
         return Err(file_error(path, "the model has no quantized layer to save"));

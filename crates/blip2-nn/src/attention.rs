@@ -24,7 +24,7 @@ pub fn scaled_dot_product_attention(
     mask: Option<&Tensor>,
     scale: f64,
 ) -> Result<Tensor> {
-    let scores = query.contiguous()?.matmul(&key.t()?.contiguous()?)?;
+    let scores = query.contiguous()?.matmul(&matmul_operand(&key.t()?)?)?;
     let mut scores = (scores.to_dtype(DType::F32)? * scale)?;
     if let Some(mask) = mask {
         scores = scores.broadcast_add(mask)?;
@@ -32,7 +32,23 @@ pub fn scaled_dot_product_attention(
     let weights = candle_nn::ops::softmax_last_dim(&scores)?;
     weights
         .to_dtype(value.dtype())?
-        .matmul(&value.contiguous()?)
+        .matmul(&matmul_operand(value)?)
+}
+
+/// `xs` itself when the CPU matmul reads its layout as it is (any strides within a
+/// matrix, batch dimensions that collapse to one stride), else a contiguous copy: a
+/// decoding step then reads the KV cache in place instead of copying it.
+fn matmul_operand(xs: &Tensor) -> Result<Tensor> {
+    let readable = match (xs.dims(), xs.stride()) {
+        _ if !xs.device().is_cpu() => false,
+        ([d0, d1, _, _], [s0, s1, _, _]) => *d0 == 1 || *d1 == 1 || *s0 == s1 * d1,
+        (dims, _) => dims.len() <= 3,
+    };
+    if readable {
+        Ok(xs.clone())
+    } else {
+        xs.contiguous()
+    }
 }
 
 /// Softmax over the last dimension in `f32`, returned in `f32`.

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, DType, Module, Result, Storage, Tensor};
 use half::bf16;
 
+use crate::kernels::packed_bf16::PackedBf16;
 use crate::kernels::quant::{QuantKind, QuantMatrix};
 use crate::weights::{MappedMatrix, Weights};
 
@@ -24,6 +25,8 @@ enum Weight {
     /// float32, read in place from the mapped checkpoint.
     Mapped(MappedMatrix),
     Quantized(Arc<QuantMatrix>),
+    /// bfloat16 in panels for `vdpbf16ps` (CPUs with AVX-512 BF16).
+    PackedBf16(Arc<PackedBf16>),
 }
 
 /// A fully connected layer `y = x Wᵀ + b`.
@@ -71,16 +74,44 @@ fn load(
             out_features,
         });
     }
+    if packs_bf16(weights.dtype(), &weights.var_device()) {
+        // Straight from the file's float32 values when it stores them: rounding and
+        // packing in one parallel pass is much faster than converting a tensor first.
+        if let Some(mapped) = weights.f32_matrix_in_file("weight", out_features, in_features) {
+            let packed = PackedBf16::from_f32(mapped.values(), out_features, in_features)
+                .map_err(candle_core::Error::Msg)?;
+            // The float32 pages are not read again; dropping them keeps peak memory
+            // near the bfloat16 size.
+            mapped.release();
+            return Ok(Linear {
+                weight: Weight::PackedBf16(Arc::new(packed)),
+                bias,
+                in_features,
+                out_features,
+            });
+        }
+    }
     let weight = weights.get((out_features, in_features), "weight")?;
     Ok(Linear::new(weight, bias))
 }
 
 impl Linear {
-    /// A layer from its weight `[out, in]` and optional bias `[out]`.
+    /// A layer from its weight `[out, in]` and optional bias `[out]`. bfloat16 weights on
+    /// a CPU with AVX-512 BF16 are packed for its kernel.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
         let (out_features, in_features) = weight.dims2().unwrap_or((0, 0));
+        let packed = packs_bf16(weight.dtype(), weight.device())
+            .then(|| {
+                let values = weight.flatten_all().ok()?.to_vec1::<bf16>().ok()?;
+                PackedBf16::from_bf16(&values, out_features, in_features).ok()
+            })
+            .flatten();
+        let weight = match packed {
+            Some(packed) => Weight::PackedBf16(Arc::new(packed)),
+            None => Weight::Dense(weight),
+        };
         Self {
-            weight: Weight::Dense(weight),
+            weight,
             bias,
             in_features,
             out_features,
@@ -117,6 +148,13 @@ impl Linear {
                 Tensor::from_slice(matrix.values(), matrix.shape(), &candle_core::Device::Cpu).ok()
             }
             Weight::Quantized(_) => None,
+            Weight::PackedBf16(matrix) => Tensor::from_vec(
+                matrix.to_f32(),
+                (self.out_features, self.in_features),
+                &candle_core::Device::Cpu,
+            )
+            .and_then(|t| t.to_dtype(DType::BF16))
+            .ok(),
         }
     }
 
@@ -135,6 +173,7 @@ impl Linear {
         match &self.weight {
             Weight::Dense(weight) => weight.dtype(),
             Weight::Mapped(_) | Weight::Quantized(_) => DType::F32,
+            Weight::PackedBf16(_) => DType::BF16,
         }
     }
 
@@ -147,7 +186,7 @@ impl Linear {
     pub fn quantized(&self) -> Option<&QuantMatrix> {
         match &self.weight {
             Weight::Quantized(matrix) => Some(matrix),
-            Weight::Dense(_) | Weight::Mapped(_) => None,
+            Weight::Dense(_) | Weight::Mapped(_) | Weight::PackedBf16(_) => None,
         }
     }
 
@@ -169,6 +208,9 @@ impl Linear {
                     .flatten_all()?
                     .to_vec1::<f32>()?;
                 QuantMatrix::quantize(kind, &values, self.out_features, self.in_features)
+            }
+            Weight::PackedBf16(packed) => {
+                QuantMatrix::quantize(kind, &packed.to_f32(), self.out_features, self.in_features)
             }
             Weight::Mapped(mapped) => {
                 // `set_quantized` then drops the float32 pages, read once here, so that
@@ -207,6 +249,7 @@ impl Linear {
             Weight::Dense(weight) => weight.elem_count() * weight.dtype().size_in_bytes(),
             Weight::Mapped(matrix) => matrix.values().len() * 4,
             Weight::Quantized(matrix) => matrix.size_in_bytes(),
+            Weight::PackedBf16(matrix) => matrix.size_in_bytes(),
         }
     }
 
@@ -222,6 +265,9 @@ impl Linear {
         };
         *last = self.out_features;
         let output_dtype = xs.dtype();
+        if let Weight::PackedBf16(matrix) = &self.weight {
+            return self.forward_packed(matrix, xs, rows, shape).map(Some);
+        }
         let inputs =
             || -> Result<Vec<f32>> { xs.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>() };
         let mut out = vec![0f32; rows * self.out_features];
@@ -273,7 +319,7 @@ impl Linear {
                     _ => return Ok(None),
                 }
             }
-            Weight::Dense(_) => return Ok(None),
+            Weight::Dense(_) | Weight::PackedBf16(_) => return Ok(None),
         }
         let mut ys = Tensor::from_vec(out, shape, xs.device())?;
         if let Some(bias) = &self.bias {
@@ -281,6 +327,40 @@ impl Linear {
         }
         Ok(Some(ys.to_dtype(output_dtype)?))
     }
+}
+
+impl Linear {
+    /// The packed bfloat16 product; the bias is added to the `f32` sums before they are
+    /// rounded to the output dtype.
+    fn forward_packed(
+        &self,
+        matrix: &PackedBf16,
+        xs: &Tensor,
+        rows: usize,
+        shape: Vec<usize>,
+    ) -> Result<Tensor> {
+        let inputs = xs.to_dtype(DType::BF16)?.flatten_all()?.to_vec1::<bf16>()?;
+        let bias = match &self.bias {
+            Some(bias) => Some(bias.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+            None => None,
+        };
+        let bias = bias.as_deref();
+        match xs.dtype() {
+            DType::BF16 => {
+                let out = matrix.matmul(&inputs, rows, bias, bf16::from_f32);
+                Tensor::from_vec(out, shape, xs.device())
+            }
+            dtype => {
+                let out = matrix.matmul(&inputs, rows, bias, |v| v);
+                Tensor::from_vec(out, shape, xs.device())?.to_dtype(dtype)
+            }
+        }
+    }
+}
+
+/// Whether bfloat16 weights of this dtype on this device go to the packed kernel.
+fn packs_bf16(dtype: DType, device: &candle_core::Device) -> bool {
+    dtype == DType::BF16 && device.is_cpu() && crate::kernels::cpu_features().avx512_bf16
 }
 
 impl Module for Linear {

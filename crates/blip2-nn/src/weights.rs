@@ -165,6 +165,8 @@ impl MappedMatrix {
 pub struct Weights {
     vb: VarBuilder<'static>,
     mapped: Option<Arc<MappedTensors>>,
+    /// Fully connected layers read float32 in place whatever the dtype.
+    matrices_in_place: bool,
 }
 
 impl std::fmt::Debug for Weights {
@@ -179,12 +181,30 @@ impl std::fmt::Debug for Weights {
 impl Weights {
     /// Weights read through `vb`, with float32 matrices used in place from `mapped`.
     pub fn new(vb: VarBuilder<'static>, mapped: Option<Arc<MappedTensors>>) -> Self {
-        Self { vb, mapped }
+        Self {
+            vb,
+            mapped,
+            matrices_in_place: false,
+        }
     }
 
     /// Weights read through `vb` only (every tensor copied).
     pub fn from_var_builder(vb: VarBuilder<'static>) -> Self {
-        Self { vb, mapped: None }
+        Self {
+            vb,
+            mapped: None,
+            matrices_in_place: false,
+        }
+    }
+
+    /// The same weights, with fully connected layers and token embeddings reading the
+    /// file's float32 values in place whatever the dtype: for layers about to be
+    /// quantized, which then never hold a converted copy.
+    pub fn with_matrices_in_place(self) -> Self {
+        Self {
+            matrices_in_place: true,
+            ..self
+        }
     }
 
     /// The weights under `prefix.name`.
@@ -192,6 +212,7 @@ impl Weights {
         Self {
             vb: self.vb.pp(name),
             mapped: self.mapped.clone(),
+            matrices_in_place: self.matrices_in_place,
         }
     }
 
@@ -199,7 +220,7 @@ impl Weights {
     pub fn set_dtype(self, dtype: DType) -> Self {
         Self {
             vb: self.vb.set_dtype(dtype),
-            mapped: self.mapped,
+            ..self
         }
     }
 
@@ -229,17 +250,31 @@ impl Weights {
     }
 
     /// The float32 matrix `name` `[rows, cols]` in place, when the model runs in `f32`
-    /// and the file stores it so.
+    /// (or [`Weights::with_matrices_in_place`] asked for it) and the file stores it so.
     pub fn mapped_matrix(&self, name: &str, rows: usize, cols: usize) -> Option<MappedMatrix> {
-        if self.vb.dtype() != DType::F32 || !self.vb.device().is_cpu() {
+        if self.vb.dtype() != DType::F32 && !self.matrices_in_place {
             return None;
         }
-        let full = if self.vb.prefix().is_empty() {
+        self.f32_matrix_in_file(name, rows, cols)
+    }
+
+    /// The float32 matrix `name` `[rows, cols]` in place when the file stores it so,
+    /// whatever dtype the model runs in (for converting it once, in parallel).
+    pub fn f32_matrix_in_file(&self, name: &str, rows: usize, cols: usize) -> Option<MappedMatrix> {
+        if !self.vb.device().is_cpu() {
+            return None;
+        }
+        self.mapped
+            .as_ref()?
+            .f32_matrix(&self.full_name(name), rows, cols)
+    }
+
+    fn full_name(&self, name: &str) -> String {
+        if self.vb.prefix().is_empty() {
             name.to_owned()
         } else {
             format!("{}.{name}", self.vb.prefix())
-        };
-        self.mapped.as_ref()?.f32_matrix(&full, rows, cols)
+        }
     }
 
     /// An embedding table `weight` `[entries, width]`.

@@ -110,6 +110,30 @@ impl Blip2Model {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
+        Self::load_inner(config, config_path, weights, dtype, device, false)
+    }
+
+    /// Like [`Blip2Model::load`], for a language model quantized next (at load or from
+    /// a file): its fully connected layers read the file's float32 values in place
+    /// until the quantized weights replace them, so no converted copy is ever made.
+    pub fn load_to_quantize(
+        config: &Blip2Config,
+        config_path: &Path,
+        weights: &[PathBuf],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        Self::load_inner(config, config_path, weights, dtype, device, true)
+    }
+
+    fn load_inner(
+        config: &Blip2Config,
+        config_path: &Path,
+        weights: &[PathBuf],
+        dtype: DType,
+        device: &Device,
+        quantized_language: bool,
+    ) -> Result<Self> {
         let dir = weights
             .first()
             .and_then(|p| p.parent())
@@ -139,7 +163,9 @@ impl Blip2Model {
         let var_builder =
             unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(weights, dtype, device) }
                 .map_err(weights_error)?;
-        let mapped = if dtype == DType::F32 && device.is_cpu() {
+        // In f32 the fully connected layers read their matrices from this mapping; in
+        // bf16 they are packed from it.
+        let mapped = if device.is_cpu() {
             // SAFETY: as above.
             Some(std::sync::Arc::new(
                 unsafe { MappedTensors::open(weights) }.map_err(weights_error)?,
@@ -173,13 +199,20 @@ impl Blip2Model {
         let qformer =
             QFormer::load(&qformer_settings, f32_vb.pp("qformer")).map_err(weights_error)?;
 
+        let language_vb = if quantized_language {
+            vb.clone().with_matrices_in_place()
+        } else {
+            vb.clone()
+        };
         let language = if has_language {
             Some(
-                load_language(config, config_path, qformer_width, &vb).map_err(|e| match e {
-                    LoadError::Config(source, section) => invalid(source, section),
-                    LoadError::Weights(source) => weights_error(source),
-                    LoadError::Other(error) => error,
-                })?,
+                load_language(config, config_path, qformer_width, &language_vb).map_err(
+                    |e| match e {
+                        LoadError::Config(source, section) => invalid(source, section),
+                        LoadError::Weights(source) => weights_error(source),
+                        LoadError::Other(error) => error,
+                    },
+                )?,
             )
         } else {
             None

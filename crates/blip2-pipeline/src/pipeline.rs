@@ -125,7 +125,12 @@ impl Blip2 {
         let bos = config.text_config.bos_token_id();
         let tokenizer =
             TextTokenizer::load(&files.tokenizer, files.tokenizer_config.as_deref(), bos)?;
-        let mut model = Blip2Model::load(
+        let load = if options.quantize.is_some() || options.quantized_weights.is_some() {
+            Blip2Model::load_to_quantize
+        } else {
+            Blip2Model::load
+        };
+        let mut model = load(
             &config,
             &files.config,
             &files.weights,

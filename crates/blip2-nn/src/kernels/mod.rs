@@ -9,9 +9,12 @@
 //!   bound by memory bandwidth, so this is what decides the time per token.
 //! - [`quant`]: 8-bit and 4-bit weights in blocks of 32 with one scale each, and the
 //!   product with activations quantized to 8 bits per block (`vpdpbusd`).
-//! - [`bf16`]: bfloat16 weights with `vdpbf16ps`.
+//! - [`bf16`]: bfloat16 weights with `vdpbf16ps`, row by row, for a few input rows.
+//! - [`packed_bf16`]: bfloat16 weights in panels for `vdpbf16ps`, for any number of
+//!   input rows (the vision encoder and prompts as well as decoding).
 
 pub mod bf16;
+pub mod packed_bf16;
 pub mod quant;
 
 use rayon::prelude::*;

@@ -11,6 +11,10 @@
 //!
 //! Activations are quantized per row and per block the same way as Q8 weights
 //! (`a ≈ e · c`, `c` in -127..=127), so a block's contribution is `d · e · Σ q·c`.
+//!
+//! In memory, rows go in groups of four, interleaved pair of blocks by pair of blocks
+//! (see [`slot`]): a kernel tile of four rows then reads one stream instead of four,
+//! which the hardware prefetcher follows at full bandwidth. Files keep plain row order.
 
 use rayon::prelude::*;
 
@@ -152,16 +156,10 @@ impl QuantMatrix {
             scales.extend(row_scales);
             codes.extend(row_codes);
         }
-        Ok(Self {
-            kind,
-            rows,
-            cols,
-            scales,
-            codes,
-        })
+        Self::from_parts(kind, rows, cols, scales, codes)
     }
 
-    /// Rebuilds a matrix from its parts (as written by [`QuantMatrix::parts`]).
+    /// Rebuilds a matrix from its parts in row order (as [`QuantMatrix::parts`] returns them).
     pub fn from_parts(
         kind: QuantKind,
         rows: usize,
@@ -182,14 +180,23 @@ impl QuantMatrix {
             kind,
             rows,
             cols,
-            scales,
-            codes,
+            scales: reorder(&scales, rows, blocks, 1, Direction::ToSlots),
+            codes: reorder(&codes, rows, blocks, kind.block_bytes(), Direction::ToSlots),
         })
     }
 
-    /// The kind, shape, scales and codes, for saving.
-    pub fn parts(&self) -> (QuantKind, usize, usize, &[f32], &[u8]) {
-        (self.kind, self.rows, self.cols, &self.scales, &self.codes)
+    /// The kind, shape, scales and codes in row order, for saving.
+    pub fn parts(&self) -> (QuantKind, usize, usize, Vec<f32>, Vec<u8>) {
+        let blocks = self.cols / BLOCK;
+        let scales = reorder(&self.scales, self.rows, blocks, 1, Direction::ToRows);
+        let codes = reorder(
+            &self.codes,
+            self.rows,
+            blocks,
+            self.kind.block_bytes(),
+            Direction::ToRows,
+        );
+        (self.kind, self.rows, self.cols, scales, codes)
     }
 
     /// Output width.
@@ -212,24 +219,33 @@ impl QuantMatrix {
         self.scales.len() * 4 + self.codes.len()
     }
 
+    /// The scale of block `b` of row `r`.
+    fn scale(&self, r: usize, b: usize) -> f32 {
+        self.scales[slot(self.rows, self.cols / BLOCK, r, b)]
+    }
+
     /// The codes of row `r`, unpacked to values in the stored (unsigned) range.
     fn row_codes(&self, r: usize) -> Vec<u8> {
         let blocks = self.cols / BLOCK;
-        let bytes = blocks * self.kind.block_bytes();
-        let packed = &self.codes[r * bytes..(r + 1) * bytes];
+        let bytes = self.kind.block_bytes();
+        let packed: Vec<u8> = (0..blocks)
+            .flat_map(|b| {
+                let start = slot(self.rows, blocks, r, b) * bytes;
+                self.codes[start..start + bytes].iter().copied()
+            })
+            .collect();
         match self.kind {
-            QuantKind::Q8 => packed.to_vec(),
-            QuantKind::Q4 => unpack_row_nibbles(packed, self.cols),
+            QuantKind::Q8 => packed,
+            QuantKind::Q4 => unpack_row_nibbles(&packed, self.cols),
         }
     }
 
     /// Row `r` dequantized.
     pub fn dequantize_row(&self, r: usize) -> Vec<f32> {
-        let blocks = self.cols / BLOCK;
         let codes = self.row_codes(r);
         let offset = self.kind.offset();
         (0..self.cols)
-            .map(|i| self.scales[r * blocks + i / BLOCK] * (codes[i] as i32 - offset) as f32)
+            .map(|i| self.scale(r, i / BLOCK) * (codes[i] as i32 - offset) as f32)
             .collect()
     }
 
@@ -244,15 +260,14 @@ impl QuantMatrix {
         );
         let activations = QuantizedActivations::new(x, inputs, self.cols, self.kind.offset());
         let features = cpu_features();
+        // Each task fills its rows' outputs, `[rows of the task, inputs]`.
         let mut transposed = vec![0f32; self.rows * inputs];
         transposed
             .par_chunks_mut(super::ROWS_PER_TASK * inputs)
             .enumerate()
             .for_each(|(task, block)| {
                 let first = task * super::ROWS_PER_TASK;
-                for (i, outputs) in block.chunks_mut(inputs).enumerate() {
-                    self.row_products(first + i, &activations, outputs, features);
-                }
+                self.rows_products(first, &activations, block, inputs, features);
             });
         for r in 0..self.rows {
             for m in 0..inputs {
@@ -261,21 +276,63 @@ impl QuantMatrix {
         }
     }
 
-    fn row_products(
+    /// Products of rows `first..` with every input, into `outputs` `[rows, inputs]`.
+    fn rows_products(
         &self,
-        r: usize,
+        first: usize,
         activations: &QuantizedActivations,
         outputs: &mut [f32],
+        inputs: usize,
         features: CpuFeatures,
     ) {
+        let count = outputs.len() / inputs;
         #[cfg(target_arch = "x86_64")]
         if features.avx512_vnni {
-            // SAFETY: the features were detected at run time.
-            unsafe { self.row_products_vnni(r, activations, outputs) };
+            // Tiles of 4 rows × 4 inputs: each unpacked weight vector serves four inputs
+            // and each activation vector four rows.
+            let mut r = 0;
+            while r < count {
+                let tile_rows = if (first + r).is_multiple_of(GROUP_ROWS) && count - r >= GROUP_ROWS
+                {
+                    GROUP_ROWS
+                } else {
+                    1
+                };
+                let mut m = 0;
+                while m < inputs {
+                    let tile_inputs = match inputs - m {
+                        left if left >= 4 => 4,
+                        left if left >= 2 => 2,
+                        _ => 1,
+                    };
+                    let tile = Tile {
+                        row: first + r,
+                        input: m,
+                        outputs: &mut outputs[r * inputs..],
+                        stride: inputs,
+                    };
+                    // SAFETY: the features were detected at run time, and the tile's rows
+                    // and inputs exist.
+                    unsafe {
+                        match (tile_rows, tile_inputs) {
+                            (4, 4) => self.tile_vnni::<4, 4>(activations, tile),
+                            (4, 2) => self.tile_vnni::<4, 2>(activations, tile),
+                            (4, _) => self.tile_vnni::<4, 1>(activations, tile),
+                            (_, 4) => self.tile_vnni::<1, 4>(activations, tile),
+                            (_, 2) => self.tile_vnni::<1, 2>(activations, tile),
+                            (_, _) => self.tile_vnni::<1, 1>(activations, tile),
+                        }
+                    }
+                    m += tile_inputs;
+                }
+                r += tile_rows;
+            }
             return;
         }
         let _ = features;
-        self.row_products_portable(r, activations, outputs);
+        for (i, row_outputs) in outputs.chunks_mut(inputs).enumerate().take(count) {
+            self.row_products_portable(first + i, activations, row_outputs);
+        }
     }
 
     fn row_products_portable(
@@ -286,128 +343,192 @@ impl QuantMatrix {
     ) {
         let blocks = self.cols / BLOCK;
         let codes = self.row_codes(r);
-        let offset = self.kind.offset();
         for (m, output) in outputs.iter_mut().enumerate() {
-            let mut total = 0f32;
-            for b in 0..blocks {
-                let x =
-                    &activations.codes[m * self.cols + b * BLOCK..m * self.cols + (b + 1) * BLOCK];
-                let w = &codes[b * BLOCK..(b + 1) * BLOCK];
-                let raw: i32 = w.iter().zip(x).map(|(&w, &x)| w as i32 * x as i32).sum();
-                let dot = raw - offset * activations.sums[m * blocks + b];
-                total +=
-                    self.scales[r * blocks + b] * activations.scales[m * blocks + b] * dot as f32;
-            }
-            *output = total;
+            *output = (0..blocks)
+                .map(|b| self.block_product(r, &codes, m, b, activations))
+                .sum();
         }
     }
 
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
-    unsafe fn row_products_vnni(
+    /// Block `b` of row `r` (its unpacked `codes`) times block `b` of input `m`.
+    fn block_product(
         &self,
         r: usize,
+        codes: &[u8],
+        m: usize,
+        b: usize,
         activations: &QuantizedActivations,
-        outputs: &mut [f32],
+    ) -> f32 {
+        let blocks = self.cols / BLOCK;
+        let x = &activations.codes[m * self.cols + b * BLOCK..m * self.cols + (b + 1) * BLOCK];
+        let w = &codes[b * BLOCK..(b + 1) * BLOCK];
+        let raw: i32 = w.iter().zip(x).map(|(&w, &x)| w as i32 * x as i32).sum();
+        let dot = raw - self.kind.offset() * activations.sums[m * blocks + b];
+        self.scale(r, b) * activations.scales[m * blocks + b] * dot as f32
+    }
+
+    /// Products of rows `tile.row..+R` with inputs `tile.input..+M`.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
+    unsafe fn tile_vnni<const R: usize, const M: usize>(
+        &self,
+        activations: &QuantizedActivations,
+        tile: Tile,
     ) {
         use std::arch::x86_64::*;
-        /// Inputs handled together, so that each unpacked weight vector is reused.
-        const GROUP: usize = 2;
-        /// Independent sums per input, so that consecutive pairs do not wait on each
-        /// other's multiply-add.
-        const CHAINS: usize = 4;
         let blocks = self.cols / BLOCK;
-        let row_bytes = blocks * self.kind.block_bytes();
-        let packed = &self.codes[r * row_bytes..(r + 1) * row_bytes];
-        let row_scales = &self.scales[r * blocks..(r + 1) * blocks];
         let pairs = blocks / 2;
-        // Lanes 0-7 take the first scale, lanes 8-15 the second.
+        let block_bytes = self.kind.block_bytes();
+        // The tile's rows lie in one group (four-row tiles start at a group), where one
+        // pair of blocks of all its rows follows the previous pair.
+        let group_start = tile.row / GROUP_ROWS * GROUP_ROWS;
+        let group_rows = GROUP_ROWS.min(self.rows - group_start);
+        let row_in_group = tile.row - group_start;
+        assert!(row_in_group + R <= group_rows);
+        assert!((group_start * blocks + 2 * pairs * group_rows) <= self.scales.len());
+        // SAFETY: the offsets are the tile's group and first input, checked above.
+        let (codes, scales, x_codes, x_starts, x_scales) = unsafe {
+            (
+                self.codes.as_ptr().add(group_start * blocks * block_bytes),
+                self.scales.as_ptr().add(group_start * blocks),
+                activations.codes.as_ptr().add(tile.input * self.cols),
+                activations
+                    .lane_corrections
+                    .as_ptr()
+                    .add(tile.input * self.cols / 4),
+                activations
+                    .pair_scales
+                    .as_ptr()
+                    .add(tile.input * pairs * 16),
+            )
+        };
+        // Lanes 0-7 take a pair's first scale, lanes 8-15 its second.
         let spread = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-        for (group, group_outputs) in outputs.chunks_mut(GROUP).enumerate() {
-            let first = group * GROUP;
-            let count = group_outputs.len();
-            let mut acc = [[_mm512_setzero_ps(); CHAINS]; GROUP];
-            for p in 0..pairs {
-                // Two blocks: lanes 0-7 sum the first block, lanes 8-15 the second.
-                let weights = match self.kind {
-                    // SAFETY: 64 bytes starting at 64·p lie within the row.
-                    QuantKind::Q8 => unsafe {
-                        _mm512_loadu_si512(packed.as_ptr().add(64 * p).cast())
-                    },
-                    // SAFETY: 32 bytes starting at 32·p lie within the row.
-                    QuantKind::Q4 => unsafe { unpack_pair_avx512(packed.as_ptr().add(32 * p)) },
+        let mut sums = [[_mm512_setzero_ps(); M]; R];
+        for p in 0..pairs {
+            let ahead = 2 * (p * group_rows + row_in_group) * block_bytes + PREFETCH_BYTES;
+            for line in (0..R * 2 * block_bytes).step_by(64) {
+                _mm_prefetch::<_MM_HINT_T0>(codes.wrapping_add(ahead + line).cast());
+            }
+            let mut weights = [_mm512_setzero_si512(); R];
+            let mut weight_scales = [_mm512_setzero_ps(); R];
+            for i in 0..R {
+                // SAFETY (all loads below): p < pairs and the tile's rows and inputs were
+                // checked against the lengths above.
+                let pair_slot = 2 * (p * group_rows + row_in_group + i);
+                let pointer = unsafe { codes.add(pair_slot * block_bytes) };
+                weights[i] = match self.kind {
+                    QuantKind::Q8 => unsafe { _mm512_loadu_si512(pointer.cast()) },
+                    QuantKind::Q4 => unsafe { unpack_pair_avx512(pointer) },
                 };
-                // SAFETY: the pair's two scales lie within the row's scales.
-                let two =
-                    unsafe { _mm_castpd_ps(_mm_load_sd(row_scales.as_ptr().add(2 * p).cast())) };
-                let weight_scales = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(two));
-                for (j, sums) in acc.iter_mut().enumerate().take(count) {
-                    let sum = &mut sums[p % CHAINS];
-                    let m = first + j;
-                    // SAFETY: every index below lies within input m's codes (64 per pair),
-                    // corrections (16 per pair) and pair scales (16 per pair).
-                    let (x, start, x_scales) = unsafe {
-                        (
-                            _mm512_loadu_si512(
-                                activations
-                                    .codes
-                                    .as_ptr()
-                                    .add(m * self.cols + 64 * p)
-                                    .cast(),
-                            ),
-                            _mm512_loadu_si512(
-                                activations
-                                    .lane_corrections
-                                    .as_ptr()
-                                    .add(m * self.cols / 4 + 16 * p)
-                                    .cast(),
-                            ),
-                            _mm512_loadu_ps(
-                                activations
-                                    .pair_scales
-                                    .as_ptr()
-                                    .add(m * pairs * 16 + 16 * p),
-                            ),
-                        )
-                    };
+                let two = unsafe { _mm_load_sd(scales.add(pair_slot).cast()) };
+                weight_scales[i] =
+                    _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_castpd_ps(two)));
+            }
+            for j in 0..M {
+                let (x, start, x_scale) = unsafe {
+                    (
+                        _mm512_loadu_si512(x_codes.add(j * self.cols + 64 * p).cast()),
+                        _mm512_loadu_si512(x_starts.add(j * self.cols / 4 + 16 * p).cast()),
+                        _mm512_loadu_ps(x_scales.add((j * pairs + p) * 16)),
+                    )
+                };
+                for ((row_sums, &w), &w_scale) in sums.iter_mut().zip(&weights).zip(&weight_scales)
+                {
                     // Starting from the offset correction makes each lane the exact signed
                     // product of its four weights and codes.
-                    let dot = _mm512_dpbusd_epi32(start, weights, x);
-                    *sum = _mm512_fmadd_ps(
+                    let dot = _mm512_dpbusd_epi32(start, w, x);
+                    row_sums[j] = _mm512_fmadd_ps(
                         _mm512_cvtepi32_ps(dot),
-                        _mm512_mul_ps(weight_scales, x_scales),
-                        *sum,
+                        _mm512_mul_ps(w_scale, x_scale),
+                        row_sums[j],
                     );
                 }
             }
-            for (j, output) in group_outputs.iter_mut().enumerate() {
-                let m = first + j;
-                let [a, b, c, d] = acc[j];
-                let mut total =
-                    _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a, b), _mm512_add_ps(c, d)));
-                if blocks % 2 == 1 {
-                    // The last, unpaired block.
-                    let b = blocks - 1;
-                    let codes = match self.kind {
-                        QuantKind::Q8 => packed[b * BLOCK..].to_vec(),
-                        QuantKind::Q4 => {
-                            unpack_row_nibbles(packed, self.cols)[b * BLOCK..].to_vec()
-                        }
-                    };
-                    let x_codes =
-                        &activations.codes[m * self.cols + b * BLOCK..(m + 1) * self.cols];
-                    let raw: i32 = codes
-                        .iter()
-                        .zip(x_codes)
-                        .map(|(&w, &x)| w as i32 * x as i32)
-                        .sum();
-                    let dot = raw - self.kind.offset() * activations.sums[m * blocks + b];
-                    total += row_scales[b] * activations.scales[m * blocks + b] * dot as f32;
+        }
+        let unpaired = blocks % 2 == 1;
+        for (i, row_sums) in sums.iter().enumerate() {
+            let r = tile.row + i;
+            let row_codes = if unpaired {
+                self.row_codes(r)
+            } else {
+                Vec::new()
+            };
+            for (j, &sum) in row_sums.iter().enumerate() {
+                let m = tile.input + j;
+                let mut total = _mm512_reduce_add_ps(sum);
+                if unpaired {
+                    total += self.block_product(r, &row_codes, m, blocks - 1, activations);
                 }
-                *output = total;
+                tile.outputs[i * tile.stride + m] = total;
             }
         }
     }
+}
+
+/// Where a kernel tile writes: rows `row..` (output rows `stride` apart, starting at
+/// `outputs[0]`) times inputs `input..`.
+#[cfg(target_arch = "x86_64")]
+struct Tile<'a> {
+    row: usize,
+    input: usize,
+    outputs: &'a mut [f32],
+    stride: usize,
+}
+
+/// How far ahead of its reads a kernel tile asks for its codes.
+#[cfg(target_arch = "x86_64")]
+const PREFETCH_BYTES: usize = 4096;
+
+/// Rows per group of the interleaved layout.
+const GROUP_ROWS: usize = 4;
+
+/// The position of block `b` of row `r` in the interleaved layout of a matrix of
+/// `rows` rows of `blocks` blocks.
+///
+/// Rows go in groups of [`GROUP_ROWS`] (the last group may be smaller). Within a group,
+/// the first pair of blocks of each row comes first, then the second pair of each row,
+/// and so on; an unpaired last block of each row closes the group.
+fn slot(rows: usize, blocks: usize, r: usize, b: usize) -> usize {
+    let group_start = r / GROUP_ROWS * GROUP_ROWS;
+    let group_rows = GROUP_ROWS.min(rows - group_start);
+    let i = r - group_start;
+    let paired = blocks / 2 * 2;
+    let within = if b < paired {
+        (b / 2 * group_rows + i) * 2 + b % 2
+    } else {
+        paired * group_rows + i
+    };
+    group_start * blocks + within
+}
+
+/// Which way [`reorder`] moves blocks.
+#[derive(Clone, Copy)]
+enum Direction {
+    ToSlots,
+    ToRows,
+}
+
+/// Moves `data` (`unit` values per block) between row order and the interleaved layout.
+fn reorder<T: Copy + Default>(
+    data: &[T],
+    rows: usize,
+    blocks: usize,
+    unit: usize,
+    direction: Direction,
+) -> Vec<T> {
+    let mut out = vec![T::default(); data.len()];
+    for r in 0..rows {
+        for b in 0..blocks {
+            let (row_order, slotted) = ((r * blocks + b) * unit, slot(rows, blocks, r, b) * unit);
+            let (from, to) = match direction {
+                Direction::ToSlots => (row_order, slotted),
+                Direction::ToRows => (slotted, row_order),
+            };
+            out[to..to + unit].copy_from_slice(&data[from..from + unit]);
+        }
+    }
+    out
 }
 
 /// Packs a row of 4-bit codes, two per byte.
@@ -536,7 +657,7 @@ mod tests {
     #[test]
     fn products_match_dequantized_weights() {
         // 96 columns: one pair of blocks and one unpaired block per row.
-        for (rows, cols, inputs) in [(70, 96, 1), (130, 256, 3), (64, 2560, 2)] {
+        for (rows, cols, inputs) in [(70, 96, 1), (130, 256, 3), (64, 2560, 2), (67, 160, 11)] {
             let w = pseudo_random(rows * cols, 6);
             let x = pseudo_random(inputs * cols, 7);
             for kind in [QuantKind::Q8, QuantKind::Q4] {
@@ -553,15 +674,40 @@ mod tests {
                         "{kind:?} {rows}x{cols} output {i}: {a} vs {b}"
                     );
                 }
-                let mut portable = vec![0f32; inputs];
                 let activations = QuantizedActivations::new(&x, inputs, cols, kind.offset());
-                q.row_products_portable(0, &activations, &mut portable);
-                for m in 0..inputs {
-                    assert!(
-                        (portable[m] - out[m * rows]).abs() < 1e-3,
-                        "{kind:?}: portable and chosen kernels differ"
-                    );
+                for r in 0..rows {
+                    let mut portable = vec![0f32; inputs];
+                    q.row_products_portable(r, &activations, &mut portable);
+                    for m in 0..inputs {
+                        assert!(
+                            (portable[m] - out[m * rows + r]).abs() < 1e-3,
+                            "{kind:?} row {r} input {m}: portable and chosen kernels differ"
+                        );
+                    }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn parts_round_trip_in_row_order() {
+        for (rows, cols) in [(6, 96), (8, 64), (3, 32)] {
+            let w = pseudo_random(rows * cols, 8);
+            for kind in [QuantKind::Q8, QuantKind::Q4] {
+                let q = QuantMatrix::quantize(kind, &w, rows, cols).unwrap();
+                let (_, _, scales, codes) = {
+                    let (k, r, c, s, d) = q.parts();
+                    assert_eq!((k, r, c), (kind, rows, cols));
+                    (r, c, s, d)
+                };
+                let blocks = cols / BLOCK;
+                for r in 0..rows {
+                    let (start, end) = (r * blocks, (r + 1) * blocks);
+                    let expected: Vec<f32> = (0..blocks).map(|b| q.scale(r, b)).collect();
+                    assert_eq!(scales[start..end], expected[..], "{kind:?} row {r}");
+                }
+                let rebuilt = QuantMatrix::from_parts(kind, rows, cols, scales, codes).unwrap();
+                assert_eq!(rebuilt, q);
             }
         }
     }

@@ -1,0 +1,427 @@
+//! bfloat16 weights packed for `vdpbf16ps`, for products with any number of rows.
+//!
+//! The instruction multiplies 16 pairs of bfloat16 values and adds each pair's sum to
+//! an `f32` lane. The weights `[rows, cols]` are cut into panels of 16 rows; within a
+//! panel, for each pair of columns `(2q, 2q + 1)`, the 16 rows' pairs sit next to each
+//! other as one 64-byte vector. One activation pair, broadcast to every lane, then
+//! meets 16 output rows per instruction, and a pass over a panel reads it front to back.
+//!
+//! Activations are rounded to bfloat16, as PyTorch does in bfloat16; sums stay in `f32`.
+
+use half::bf16;
+use rayon::prelude::*;
+
+use super::cpu_features;
+
+/// Output rows per panel: one 512-bit vector of `f32` sums.
+pub const PANEL: usize = 16;
+/// Panels one task computes together (32 outputs per input row).
+const PANELS_PER_TASK: usize = 2;
+const TASK_WIDTH: usize = PANEL * PANELS_PER_TASK;
+/// Input rows the widest tile computes at once.
+const TILE_ROWS: usize = 8;
+
+/// A `[rows, cols]` bfloat16 matrix in panel layout.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PackedBf16 {
+    rows: usize,
+    cols: usize,
+    /// Column pairs per row (`cols` rounded up to even, halved).
+    pairs: usize,
+    /// `[panel][pair][16 rows]`; each `u32` holds column `2q` in its low half and `2q + 1`
+    /// in its high half. Rows past `rows` and the column past an odd `cols` are zero.
+    data: Vec<u32>,
+}
+
+fn pair(low: bf16, high: bf16) -> u32 {
+    u32::from(low.to_bits()) | (u32::from(high.to_bits()) << 16)
+}
+
+impl PackedBf16 {
+    /// Packs `f32` weights `[rows, cols]`, rounding them to bfloat16.
+    pub fn from_f32(values: &[f32], rows: usize, cols: usize) -> Result<Self, String> {
+        check_len(values.len(), rows, cols)?;
+        Ok(Self::pack(rows, cols, |r, bits| {
+            let row = &values[r * cols..(r + 1) * cols];
+            for (bit, &value) in bits.iter_mut().zip(row) {
+                *bit = round_to_bf16(value);
+            }
+        }))
+    }
+
+    /// Packs bfloat16 weights `[rows, cols]`.
+    pub fn from_bf16(values: &[bf16], rows: usize, cols: usize) -> Result<Self, String> {
+        check_len(values.len(), rows, cols)?;
+        Ok(Self::pack(rows, cols, |r, bits| {
+            let row = &values[r * cols..(r + 1) * cols];
+            for (bit, value) in bits.iter_mut().zip(row) {
+                *bit = value.to_bits();
+            }
+        }))
+    }
+
+    /// `row_bits(r, bits)` writes row `r`'s bfloat16 bit patterns into `bits` (`cols`
+    /// long, plus a zero for an odd width).
+    fn pack(rows: usize, cols: usize, row_bits: impl Fn(usize, &mut [u16]) + Sync) -> Self {
+        let pairs = cols.div_ceil(2);
+        let panels = rows.div_ceil(PANEL);
+        let mut data = vec![0u32; panels * pairs * PANEL];
+        data.par_chunks_mut(pairs * PANEL)
+            .enumerate()
+            .for_each(|(panel, packed)| {
+                let mut bits = vec![0u16; 2 * pairs];
+                for lane in 0..PANEL.min(rows - panel * PANEL) {
+                    row_bits(panel * PANEL + lane, &mut bits[..cols]);
+                    for (q, two) in bits.chunks_exact(2).enumerate() {
+                        packed[q * PANEL + lane] = u32::from(two[0]) | (u32::from(two[1]) << 16);
+                    }
+                }
+            });
+        Self {
+            rows,
+            cols,
+            pairs,
+            data,
+        }
+    }
+
+    /// Output width (rows of the weight matrix).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Input width (columns of the weight matrix).
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Bytes held, padding included.
+    pub fn size_in_bytes(&self) -> usize {
+        self.data.len() * 4
+    }
+
+    /// Unpacks the weights to `f32` `[rows, cols]` row-major.
+    pub fn to_f32(&self) -> Vec<f32> {
+        let mut values = vec![0f32; self.rows * self.cols];
+        values
+            .par_chunks_mut(self.cols.max(1))
+            .enumerate()
+            .for_each(|(row, out)| {
+                let panel = &self.data[row / PANEL * self.pairs * PANEL..];
+                for (c, value) in out.iter_mut().enumerate() {
+                    let packed = panel[c / 2 * PANEL + row % PANEL];
+                    let bits = if c % 2 == 0 { packed } else { packed >> 16 };
+                    *value = bf16::from_bits(bits as u16).to_f32();
+                }
+            });
+        values
+    }
+
+    /// `x · Wᵀ (+ bias)` for `x` `[inputs, cols]`, each output converted by `convert`;
+    /// returns `[inputs, rows]` row-major.
+    pub fn matmul<T: Send + Copy + Default>(
+        &self,
+        x: &[bf16],
+        inputs: usize,
+        bias: Option<&[f32]>,
+        convert: impl Fn(f32) -> T + Sync,
+    ) -> Vec<T> {
+        assert_eq!(x.len(), inputs * self.cols, "inputs must be inputs × cols");
+        if let Some(bias) = bias {
+            assert_eq!(
+                bias.len(),
+                self.rows,
+                "the bias must have one value per row"
+            );
+        }
+        let activations = self.activation_pairs(x, inputs);
+        let panels = self.rows.div_ceil(PANEL);
+        let tasks = panels.div_ceil(PANELS_PER_TASK);
+        let use_simd = cpu_features().avx512_bf16;
+        // Each task writes a contiguous `[inputs, 32]` block; the blocks are gathered into
+        // rows afterwards.
+        let mut blocks = vec![0f32; tasks * inputs * TASK_WIDTH];
+        blocks
+            .par_chunks_mut((inputs * TASK_WIDTH).max(1))
+            .enumerate()
+            .for_each(|(task, block)| {
+                let first = task * PANELS_PER_TASK;
+                let count = PANELS_PER_TASK.min(panels - first);
+                let panel_len = self.pairs * PANEL;
+                let weights = &self.data[first * panel_len..(first + count) * panel_len];
+                self.task(weights, count, &activations, inputs, block, use_simd);
+            });
+        let mut out = vec![T::default(); inputs * self.rows];
+        out.par_chunks_mut(self.rows.max(1))
+            .enumerate()
+            .for_each(|(input, row)| {
+                for (n, value) in row.iter_mut().enumerate() {
+                    let (task, column) = (n / TASK_WIDTH, n % TASK_WIDTH);
+                    let sum = blocks[(task * inputs + input) * TASK_WIDTH + column];
+                    *value = convert(sum + bias.map_or(0.0, |b| b[n]));
+                }
+            });
+        out
+    }
+
+    /// The activations as column pairs `[inputs, pairs]`, the last one zero-padded.
+    fn activation_pairs(&self, x: &[bf16], inputs: usize) -> Vec<u32> {
+        let mut pairs = vec![0u32; inputs * self.pairs];
+        for (row, packed) in x
+            .chunks(self.cols.max(1))
+            .zip(pairs.chunks_mut(self.pairs.max(1)))
+        {
+            for (q, slot) in packed.iter_mut().enumerate() {
+                let high = row.get(2 * q + 1).copied().unwrap_or(bf16::ZERO);
+                *slot = pair(row[2 * q], high);
+            }
+        }
+        pairs
+    }
+
+    /// Computes one task's `count` panels for every input row into `block`.
+    fn task(
+        &self,
+        weights: &[u32],
+        count: usize,
+        activations: &[u32],
+        inputs: usize,
+        block: &mut [f32],
+        use_simd: bool,
+    ) {
+        let pairs = self.pairs;
+        let mut first = 0;
+        // Tiles of 8 rows, then 4, 2 and 1 for what is left.
+        for tile in [TILE_ROWS, 4, 2, 1] {
+            while inputs - first >= tile {
+                let rows = &activations[first * pairs..(first + tile) * pairs];
+                let out = &mut block[first * TASK_WIDTH..(first + tile) * TASK_WIDTH];
+                #[cfg(target_arch = "x86_64")]
+                if use_simd {
+                    // SAFETY: the features were detected at run time; the slices hold
+                    // `count` panels, `tile` activation rows and `tile` output rows.
+                    unsafe {
+                        match tile {
+                            8 => tile_avx512::<8>(weights, count, rows, pairs, out),
+                            4 => tile_avx512::<4>(weights, count, rows, pairs, out),
+                            2 => tile_avx512::<2>(weights, count, rows, pairs, out),
+                            _ => tile_avx512::<1>(weights, count, rows, pairs, out),
+                        }
+                    }
+                    first += tile;
+                    continue;
+                }
+                let _ = use_simd;
+                tile_portable(weights, count, rows, pairs, out);
+                first += tile;
+            }
+        }
+    }
+}
+
+/// `f32` to bfloat16 bits, rounding to nearest even as `half::bf16::from_f32` does,
+/// written without branches on the value so that the compiler vectorises it.
+fn round_to_bf16(value: f32) -> u16 {
+    let bits = value.to_bits();
+    // Wrapping: only NaN patterns can overflow, and their result is not used.
+    let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16;
+    // NaN keeps its sign and top payload bits and stays quiet.
+    let nan = (bits >> 16) | 0x40;
+    if value.is_nan() {
+        nan as u16
+    } else {
+        rounded as u16
+    }
+}
+
+fn check_len(len: usize, rows: usize, cols: usize) -> Result<(), String> {
+    if len != rows * cols {
+        return Err(format!("{len} values do not fill a {rows} × {cols} matrix"));
+    }
+    Ok(())
+}
+
+fn widen(packed: u32) -> (f32, f32) {
+    (
+        bf16::from_bits(packed as u16).to_f32(),
+        bf16::from_bits((packed >> 16) as u16).to_f32(),
+    )
+}
+
+/// The reference for the SIMD tile: the same sums, pair by pair, in `f32`.
+fn tile_portable(weights: &[u32], count: usize, rows: &[u32], pairs: usize, out: &mut [f32]) {
+    for (activation, sums) in rows.chunks(pairs).zip(out.chunks_mut(TASK_WIDTH)) {
+        for panel in 0..count {
+            let packed = &weights[panel * pairs * PANEL..(panel + 1) * pairs * PANEL];
+            for lane in 0..PANEL {
+                let mut sum = 0f32;
+                for (q, &a) in activation.iter().enumerate() {
+                    let (w0, w1) = widen(packed[q * PANEL + lane]);
+                    let (a0, a1) = widen(a);
+                    sum += w0 * a0 + w1 * a1;
+                }
+                sums[panel * PANEL + lane] = sum;
+            }
+        }
+    }
+}
+
+/// `R` activation rows against one or two panels: `2R` vectors of sums stay in
+/// registers for the whole pass over the columns.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn tile_avx512<const R: usize>(
+    weights: &[u32],
+    count: usize,
+    rows: &[u32],
+    pairs: usize,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    assert!(weights.len() >= count * pairs * PANEL && rows.len() >= R * pairs);
+    assert!(out.len() >= R * TASK_WIDTH && (count == 1 || count == 2));
+    let first = weights.as_ptr();
+    // With one panel the second pass reuses it; its sums are never read.
+    let second = if count == 2 {
+        // SAFETY: the second panel starts `pairs · 16` values in, within `weights`.
+        unsafe { first.add(pairs * PANEL) }
+    } else {
+        first
+    };
+    let mut low = [_mm512_setzero_ps(); R];
+    let mut high = [_mm512_setzero_ps(); R];
+    for q in 0..pairs {
+        // SAFETY: q < pairs, so both loads stay within their panel.
+        let (w0, w1): (__m512bh, __m512bh) = unsafe {
+            (
+                std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
+                    first.add(q * PANEL).cast(),
+                )),
+                std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
+                    second.add(q * PANEL).cast(),
+                )),
+            )
+        };
+        for r in 0..R {
+            // SAFETY: r < R and q < pairs, within the checked length of `rows`.
+            let a = unsafe { *rows.get_unchecked(r * pairs + q) };
+            let a: __m512bh = unsafe { std::mem::transmute(_mm512_set1_epi32(a as i32)) };
+            low[r] = _mm512_dpbf16_ps(low[r], a, w0);
+            high[r] = _mm512_dpbf16_ps(high[r], a, w1);
+        }
+    }
+    for r in 0..R {
+        // SAFETY: r · 32 + 32 <= out.len(), checked above.
+        unsafe {
+            _mm512_storeu_ps(out.as_mut_ptr().add(r * TASK_WIDTH), low[r]);
+            _mm512_storeu_ps(out.as_mut_ptr().add(r * TASK_WIDTH + PANEL), high[r]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::pseudo_random;
+    use super::*;
+
+    fn rounded(values: &[f32]) -> Vec<bf16> {
+        values.iter().map(|&v| bf16::from_f32(v)).collect()
+    }
+
+    #[test]
+    fn rounding_matches_half() {
+        let mut values = pseudo_random(10_000, 27);
+        values.extend([
+            0.0,
+            -0.0,
+            1.0 + f32::EPSILON,
+            f32::MAX,
+            f32::MIN,
+            f32::MIN_POSITIVE,
+            1e-40,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            f32::from_bits(0x3f80_8000),
+            f32::from_bits(0x3f81_8000),
+            f32::from_bits(0x7f7f_ffff),
+            f32::from_bits(0xffff_ffff),
+        ]);
+        for value in values {
+            assert_eq!(
+                round_to_bf16(value),
+                bf16::from_f32(value).to_bits(),
+                "{value:e} ({:#x})",
+                value.to_bits()
+            );
+        }
+    }
+
+    #[test]
+    fn packing_round_trips() {
+        for (rows, cols) in [(16, 8), (37, 101), (5, 1)] {
+            let values = pseudo_random(rows * cols, 21);
+            let packed = PackedBf16::from_f32(&values, rows, cols).unwrap();
+            let expected: Vec<f32> = rounded(&values).iter().map(|v| v.to_f32()).collect();
+            assert_eq!(packed.to_f32(), expected, "{rows} × {cols}");
+            let from_bf16 = PackedBf16::from_bf16(&rounded(&values), rows, cols).unwrap();
+            assert_eq!(from_bf16, packed);
+        }
+        assert!(PackedBf16::from_f32(&[0.0; 5], 2, 3).is_err());
+    }
+
+    #[test]
+    fn products_match_widened_sums() {
+        // Odd widths, a partial last panel, a single panel and every tile size.
+        for (inputs, rows, cols) in [(1, 70, 100), (15, 33, 257), (3, 16, 64), (20, 48, 31)] {
+            let w = rounded(&pseudo_random(rows * cols, 22));
+            let x = rounded(&pseudo_random(inputs * cols, 23));
+            let bias = pseudo_random(rows, 24);
+            let packed = PackedBf16::from_bf16(&w, rows, cols).unwrap();
+            let got = packed.matmul(&x, inputs, Some(&bias), |v| v);
+            for m in 0..inputs {
+                for n in 0..rows {
+                    let expected: f64 = (0..cols)
+                        .map(|k| {
+                            f64::from(w[n * cols + k].to_f32())
+                                * f64::from(x[m * cols + k].to_f32())
+                        })
+                        .sum::<f64>()
+                        + f64::from(bias[n]);
+                    let value = f64::from(got[m * rows + n]);
+                    assert!(
+                        (value - expected).abs() < 1e-4 * (1.0 + expected.abs()),
+                        "{inputs}×{rows}×{cols} [{m}, {n}]: {value} vs {expected}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn simd_and_portable_tiles_agree() {
+        if !cpu_features().avx512_bf16 {
+            return;
+        }
+        let (pairs, count) = (50, 2);
+        let weights: Vec<u32> = rounded(&pseudo_random(count * pairs * PANEL * 2, 25))
+            .chunks(2)
+            .map(|p| pair(p[0], p[1]))
+            .collect();
+        let rows: Vec<u32> = rounded(&pseudo_random(8 * pairs * 2, 26))
+            .chunks(2)
+            .map(|p| pair(p[0], p[1]))
+            .collect();
+        let mut simd = vec![0f32; 8 * TASK_WIDTH];
+        let mut portable = vec![0f32; 8 * TASK_WIDTH];
+        // SAFETY: the features were checked above; the slices have the needed sizes.
+        unsafe { tile_avx512::<8>(&weights, count, &rows, pairs, &mut simd) };
+        tile_portable(&weights, count, &rows, pairs, &mut portable);
+        for (i, (a, b)) in simd.iter().zip(&portable).enumerate() {
+            assert!(
+                (a - b).abs() < 1e-4 * (1.0 + b.abs()),
+                "sum {i}: {a} vs {b}"
+            );
+        }
+    }
+}
