@@ -214,7 +214,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, default=Path.home() / ".cache/blip2-bench/blip2-opt-2.7b-random")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=20)
-    parser.add_argument("--modes", default="f32,f32-lowmem,bf16,f32-q8,f32-q4",
+    parser.add_argument("--modes", default="f32,f32-lowmem,bf16,f32-q8,f32-q4,bf16-q8,bf16-q4",
                         help="this project's runs: a dtype (f32, bf16, f16), optionally followed by -q8 or -q4 "
                              "(quantized language model) and -lowmem (--low-memory)")
     parser.add_argument("--torch-dtypes", default="float32,bfloat16")

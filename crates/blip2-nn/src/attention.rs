@@ -35,9 +35,9 @@ pub fn scaled_dot_product_attention(
         .matmul(&matmul_operand(value)?)
 }
 
-/// `xs` itself when the CPU matmul reads its layout as it is (any strides within a
-/// matrix, batch dimensions that collapse to one stride), else a contiguous copy: a
-/// decoding step then reads the KV cache in place instead of copying it.
+/// Returns `xs` itself when the CPU matmul reads its layout as it is (any strides
+/// within a matrix, batch dimensions that collapse to one stride), else a contiguous
+/// copy. A decoding step then reads the KV cache in place instead of copying it.
 fn matmul_operand(xs: &Tensor) -> Result<Tensor> {
     let readable = match (xs.dims(), xs.stride()) {
         _ if !xs.device().is_cpu() => false,

@@ -197,9 +197,9 @@ impl Weights {
         }
     }
 
-    /// The same weights, with fully connected layers and token embeddings reading the
-    /// file's float32 values in place whatever the dtype: for layers about to be
-    /// quantized, which then never hold a converted copy.
+    /// Returns the same weights, with fully connected layers and token embeddings
+    /// reading the file's float32 values in place whatever the dtype. Layers about to be
+    /// quantized then never hold a converted copy.
     pub fn with_matrices_in_place(self) -> Self {
         Self {
             matrices_in_place: true,

@@ -113,8 +113,8 @@ impl Blip2Model {
         Self::load_inner(config, config_path, weights, dtype, device, false)
     }
 
-    /// Like [`Blip2Model::load`], for a language model quantized next (at load or from
-    /// a file): its fully connected layers read the file's float32 values in place
+    /// Loads like [`Blip2Model::load`], for a language model quantized next (at load or
+    /// from a file). Its fully connected layers read the file's float32 values in place
     /// until the quantized weights replace them, so no converted copy is ever made.
     pub fn load_to_quantize(
         config: &Blip2Config,

@@ -55,35 +55,39 @@ impl JobQueue {
     /// Queues `job`, or returns `503 queue_full` with a `Retry-After` estimate.
     pub fn submit(&self, job: Job) -> Result<(), ApiError> {
         // Counted before sending, so the worker never takes a job it has not seen counted.
+        // Both happen under the sender's lock, so a job counted is in the channel before
+        // another request can send: whoever sees the queue full finds it full.
+        let sender = self.sender.lock().unwrap_or_else(|p| p.into_inner());
         self.status.send_modify(|status| status.waiting += 1);
-        let sent = match &*self.sender.lock().unwrap_or_else(|p| p.into_inner()) {
+        let sent = match &*sender {
             Some(sender) => sender.try_send(job),
             None => Err(mpsc::error::TrySendError::Closed(job)),
         };
+        if sent.is_err() {
+            self.status.send_modify(|status| status.waiting -= 1);
+        }
+        drop(sender);
         match sent {
             Ok(()) => Ok(()),
-            Err(error) => {
-                self.status.send_modify(|status| status.waiting -= 1);
-                Err(match error {
-                    mpsc::error::TrySendError::Full(_) => ApiError::over_limit(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "queue_full",
-                        "queue_size",
-                        self.capacity,
-                        format!(
-                            "the model is busy and {} requests are already waiting (the limit, set by \
+            Err(error) => Err(match error {
+                mpsc::error::TrySendError::Full(_) => ApiError::over_limit(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "queue_full",
+                    "queue_size",
+                    self.capacity,
+                    format!(
+                        "the model is busy and {} requests are already waiting (the limit, set by \
                              --queue-size); try again after the Retry-After seconds",
-                            self.capacity
-                        ),
-                    )
-                    .with_retry_after(self.retry_after()),
-                    mpsc::error::TrySendError::Closed(_) => ApiError::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "shutting_down",
-                        "the server is shutting down and takes no new requests",
+                        self.capacity
                     ),
-                })
-            }
+                )
+                .with_retry_after(self.retry_after()),
+                mpsc::error::TrySendError::Closed(_) => ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "shutting_down",
+                    "the server is shutting down and takes no new requests",
+                ),
+            }),
         }
     }
 

@@ -185,7 +185,7 @@ impl QuantMatrix {
         })
     }
 
-    /// The kind, shape, scales and codes in row order, for saving.
+    /// Returns the kind, shape, scales and codes in row order, for saving.
     pub fn parts(&self) -> (QuantKind, usize, usize, Vec<f32>, Vec<u8>) {
         let blocks = self.cols / BLOCK;
         let scales = reorder(&self.scales, self.rows, blocks, 1, Direction::ToRows);
@@ -406,6 +406,7 @@ impl QuantMatrix {
         let spread = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
         let mut sums = [[_mm512_setzero_ps(); M]; R];
         for p in 0..pairs {
+            // A prefetch is only a hint: addresses past the end of the codes do not fault.
             let ahead = 2 * (p * group_rows + row_in_group) * block_bytes + PREFETCH_BYTES;
             for line in (0..R * 2 * block_bytes).step_by(64) {
                 _mm_prefetch::<_MM_HINT_T0>(codes.wrapping_add(ahead + line).cast());
