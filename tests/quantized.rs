@@ -104,12 +104,69 @@ fn files_that_are_not_quantized_layers_are_refused() {
         .to_string();
     assert!(error.contains("not both"), "{error}");
 
+    assert!(!blip2::pipeline::is_quantized_file(
+        &model_dir("opt-tiny").join("model.safetensors")
+    ));
+
     let mut float = load("opt-tiny", LoadOptions::default());
     let error = float
         .save_quantized_language_model(&std::env::temp_dir().join("never-written.safetensors"))
         .unwrap_err()
         .to_string();
     assert!(error.contains("no quantized layer"), "{error}");
+}
+
+#[test]
+fn non_finite_scales_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.safetensors");
+    load("opt-tiny", quantized(QuantKind::Q8))
+        .save_quantized_language_model(&good)
+        .unwrap();
+    assert!(blip2::pipeline::is_quantized_file(&good));
+
+    // The same file with one scale replaced by NaN.
+    let bytes = std::fs::read(&good).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut data: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = tensors
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            (
+                name,
+                view.dtype(),
+                view.shape().to_vec(),
+                view.data().to_vec(),
+            )
+        })
+        .collect();
+    let (name, _, _, scales) = data
+        .iter_mut()
+        .find(|(name, ..)| name.ends_with(".scales"))
+        .unwrap();
+    let name = name.clone();
+    scales[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+    let views = data.iter().map(|(name, dtype, shape, bytes)| {
+        (
+            name.clone(),
+            safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes).unwrap(),
+        )
+    });
+    let bad = dir.path().join("bad.safetensors");
+    safetensors::serialize_to_file(views, header.metadata().clone(), &bad).unwrap();
+
+    let error = Blip2::from_dir(
+        &model_dir("opt-tiny"),
+        &LoadOptions {
+            quantized_weights: Some(bad),
+            ..Default::default()
+        },
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(error.contains(&name) && error.contains("finite"), "{error}");
 }
 
 #[test]

@@ -58,7 +58,20 @@ impl ModelArgs {
         };
         match self.quantize.as_deref() {
             Some(name @ ("q8" | "q4")) => options.quantize = Some(parse_quantization(name)?),
-            Some(path) => options.quantized_weights = Some(PathBuf::from(path)),
+            Some(path) => {
+                let file = PathBuf::from(path);
+                anyhow::ensure!(
+                    file.is_file(),
+                    "--quantize {path:?}: expected q8, q4 or a file written by `blip2 quantize`, \
+                     and {}",
+                    if file.is_dir() {
+                        "this is a directory"
+                    } else {
+                        "no such file exists"
+                    }
+                );
+                options.quantized_weights = Some(file);
+            }
             None => {}
         }
         Blip2::from_pretrained(model, &options)
@@ -66,10 +79,18 @@ impl ModelArgs {
     }
 }
 
+/// The largest `--threads` value accepted: each thread reserves a stack, and far more
+/// threads than cores exhaust memory before they help.
+const MAX_THREADS: usize = 1024;
+
 /// Sets the number of threads the model uses, before any model code runs.
 pub fn set_threads(threads: Option<usize>) -> anyhow::Result<()> {
     if let Some(threads) = threads {
-        anyhow::ensure!(threads > 0, "--threads must be at least 1");
+        anyhow::ensure!(
+            (1..=MAX_THREADS).contains(&threads),
+            "--threads {threads} is out of range: use 1 to {MAX_THREADS} (more threads than \
+             CPU cores only adds overhead)"
+        );
         // candle sizes its thread pools from this variable when they are first used,
         // which is after this point; no other thread exists yet.
         unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };

@@ -1,7 +1,7 @@
 //! `blip2 quantize`: quantize a checkpoint's language model once, save it, and measure
 //! what quantization costs against the float32 model.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -49,6 +49,9 @@ pub fn run(args: QuantizeArgs) -> anyhow::Result<ExitCode> {
          the quality cost, or both"
     );
     anyhow::ensure!(args.positions > 0, "--positions must be at least 1");
+    if let Some(output) = &args.output {
+        check_output(output, &args.images)?;
+    }
     set_threads(args.threads)?;
     let model = args.model.as_deref().unwrap_or(DEFAULT_CAPTION_MODEL);
     let kind = parse_quantization(&args.kind)?;
@@ -62,10 +65,12 @@ pub fn run(args: QuantizeArgs) -> anyhow::Result<ExitCode> {
         let layers = quantized.save_quantized_language_model(output)?;
         let bytes = std::fs::metadata(output).map(|m| m.len()).unwrap_or(0);
         println!(
-            "wrote {}: {layers} {} layers, {:.1} MB",
+            "wrote {}: {} {} layer{}, {}",
             output.display(),
-            args.kind,
-            bytes as f64 / 1e6
+            layers,
+            kind.name(),
+            plural(layers),
+            human_size(bytes)
         );
     }
     if args.images.is_empty() {
@@ -89,14 +94,18 @@ pub fn run(args: QuantizeArgs) -> anyhow::Result<ExitCode> {
         // with the first load's vision encoder and Q-Former.
         let reference = Blip2::from_pretrained(model, &LoadOptions::default())
             .with_context(|| format!("cannot load model {model}"))?;
-        let agreement = reference.compare_language_models(&quantized, &photos, args.positions)?;
+        let agreement = reference
+            .compare_language_models(&quantized, &photos, args.positions)
+            .with_context(|| format!("cannot compare over --positions {}", args.positions))?;
         println!(
-            "{} against float32 over {} positions ({} photos): greedy agreement {:.1}% ({}/{}); \
+            "{} against float32 over {} position{} ({} photo{}): greedy agreement {:.1}% ({}/{}); \
              logit error max {:.4}, mean {:.4}; float32 logits reach {:.2}, and their top two are \
              {:.4} apart on average",
-            args.kind,
+            kind.name(),
             agreement.positions,
+            plural(agreement.positions),
             photos.len(),
+            plural(photos.len()),
             100.0 * agreement.greedy_agreement(),
             agreement.same_top_token,
             agreement.positions,
@@ -106,9 +115,69 @@ pub fn run(args: QuantizeArgs) -> anyhow::Result<ExitCode> {
             agreement.mean_top_gap()
         );
     }
+    if photos.is_empty() {
+        eprintln!("no photo could be read, so nothing was measured");
+    }
     Ok(if failures == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Refuses an output path whose file must not be replaced: anything but a new file or an
+/// earlier file of quantized layers (a checkpoint's weights, a photo, a device, a link).
+fn check_output(output: &Path, images: &[PathBuf]) -> anyhow::Result<()> {
+    let shown = output.display(); // the path as the user gave it
+    if output.as_os_str().to_string_lossy().ends_with('/') || output.is_dir() {
+        let folder = shown.to_string();
+        anyhow::bail!(
+            "--output {shown} is a directory; give a file name such as {}/model.q4.safetensors",
+            folder.trim_end_matches('/')
+        );
+    }
+    let parent = match output.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    anyhow::ensure!(
+        parent.is_dir(),
+        "--output {shown}: directory {} does not exist",
+        parent.display()
+    );
+    let Ok(metadata) = std::fs::symlink_metadata(output) else {
+        return Ok(());
+    };
+    anyhow::ensure!(
+        metadata.file_type().is_file(),
+        "--output {shown} exists and is not a regular file (a link, device or pipe); give \
+         another name"
+    );
+    let output_canonical = output.canonicalize().ok();
+    if images
+        .iter()
+        .any(|image| image.canonicalize().ok() == output_canonical)
+    {
+        anyhow::bail!("--output {shown} is one of the photos to measure; give another name");
+    }
+    anyhow::ensure!(
+        blip2_pipeline::is_quantized_file(output),
+        "--output {shown} exists and is not a file of quantized layers; remove it or give \
+         another name (this command replaces only its own earlier output)"
+    );
+    Ok(())
+}
+
+fn plural(count: usize) -> &'static str {
+    if count == 1 { "" } else { "s" }
+}
+
+/// `bytes` in the largest unit that keeps the number at least 1.
+fn human_size(bytes: u64) -> String {
+    match bytes {
+        0..1_000 => format!("{bytes} bytes"),
+        1_000..1_000_000 => format!("{:.1} kB", bytes as f64 / 1e3),
+        1_000_000..1_000_000_000 => format!("{:.1} MB", bytes as f64 / 1e6),
+        _ => format!("{:.2} GB", bytes as f64 / 1e9),
+    }
 }

@@ -369,7 +369,7 @@ fn quantize_saves_layers_that_caption_like_quantizing_at_load() {
     assert!(!output.status.success());
     let stdout = text(&output.stdout);
     assert!(
-        stdout.contains("wrote") && stdout.contains("over 5 positions (1 photos)"),
+        stdout.contains("wrote") && stdout.contains("over 5 positions (1 photo)"),
         "{stdout}"
     );
     assert!(
@@ -408,9 +408,87 @@ fn quantize_saves_layers_that_caption_like_quantizing_at_load() {
         None,
     );
     assert!(!output.status.success());
-    assert!(
-        text(&output.stderr).contains("missing.png: cannot open"),
-        "{}",
-        text(&output.stderr)
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("missing.png"), "{stderr}");
+    assert!(stderr.contains("no such file exists"), "{stderr}");
+}
+
+#[test]
+fn quantize_refuses_to_replace_other_files() {
+    let temp = tempfile::tempdir().unwrap();
+    let model_path = model("opt-tiny");
+    let weights = temp.path().join("model.safetensors");
+    std::fs::write(&weights, b"checkpoint bytes").unwrap();
+    let photo_copy = temp.path().join("photo.png");
+    std::fs::copy(photo("chelsea.png"), &photo_copy).unwrap();
+    let photo_arg = photo_copy.display().to_string();
+    let folder = format!("{}/", temp.path().display());
+    let nested = temp.path().join("no/such/dir/x.safetensors");
+
+    let cases = [
+        (
+            weights.display().to_string(),
+            "is not a file of quantized layers",
+        ),
+        (photo_arg.clone(), "is one of the photos"),
+        (folder, "is a directory"),
+        (nested.display().to_string(), "does not exist"),
+    ];
+    for (target, expected) in cases {
+        let output = blip2(
+            &[
+                "quantize",
+                "--model",
+                &model_path,
+                "-o",
+                &target,
+                &photo_arg,
+            ],
+            None,
+        );
+        assert!(!output.status.success(), "-o {target} succeeded");
+        let stderr = text(&output.stderr);
+        assert!(stderr.contains(expected), "-o {target}: {stderr}");
+    }
+    assert_eq!(std::fs::read(&weights).unwrap(), b"checkpoint bytes");
+    assert_eq!(
+        std::fs::read(&photo_copy).unwrap(),
+        std::fs::read(photo("chelsea.png")).unwrap()
     );
+}
+
+#[test]
+fn quantize_options_are_checked() {
+    let chelsea = photo("chelsea.png");
+    let cases = [
+        (
+            vec!["--model", "opt-tiny", "--threads", "99999"],
+            "--threads 99999 is out of range",
+        ),
+        (
+            vec!["--model", "opt-tiny", "--quantize", "q16"],
+            "expected q8, q4 or a file",
+        ),
+        (
+            vec!["--model", "opt-proj-sharded", "--quantize", "q8"],
+            "none of the language model's",
+        ),
+    ];
+    for (options, expected) in cases {
+        let mut args = vec!["caption".to_owned(), chelsea.clone()];
+        for (i, option) in options.iter().enumerate() {
+            let is_model = i > 0 && options[i - 1] == "--model";
+            args.push(if is_model {
+                model(option)
+            } else {
+                option.to_string()
+            });
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let output = blip2(&args, None);
+        assert!(!output.status.success(), "{options:?} succeeded");
+        let stderr = text(&output.stderr);
+        assert!(stderr.contains(expected), "{options:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{options:?}: {stderr}");
+    }
 }

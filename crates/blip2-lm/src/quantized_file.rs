@@ -23,6 +23,33 @@ fn file_error(path: &Path, message: impl std::fmt::Display) -> Error {
     Error::Msg(format!("{}: {message}", path.display()))
 }
 
+/// Whether `path` is a file of quantized layers, judged from its safetensors header only
+/// (for tools that must not replace any other file).
+pub fn is_quantized_file(path: &Path) -> bool {
+    use std::io::Read;
+    /// Headers of these files are a few hundred bytes per layer; this bounds the read.
+    const MAX_HEADER_BYTES: u64 = 64 << 20;
+    let read_header = || -> std::io::Result<Vec<u8>> {
+        let mut file = std::fs::File::open(path)?;
+        let mut length = [0u8; 8];
+        file.read_exact(&mut length)?;
+        let length = u64::from_le_bytes(length);
+        if length > MAX_HEADER_BYTES {
+            return Err(std::io::ErrorKind::InvalidData.into());
+        }
+        let mut header = vec![0u8; length as usize];
+        file.read_exact(&mut header)?;
+        Ok(header)
+    };
+    let Ok(header) = read_header() else {
+        return false;
+    };
+    let Ok(header) = serde_json::from_slice::<serde_json::Value>(&header) else {
+        return false;
+    };
+    header["__metadata__"]["format"] == FORMAT
+}
+
 /// Writes the quantized layers of `model` to `path`; returns how many were written.
 /// Fails when the model has no quantized layer.
 pub fn save_quantized(model: &mut dyn LanguageModel, path: &Path) -> Result<usize> {
@@ -89,10 +116,12 @@ pub fn load_quantized(model: &mut dyn LanguageModel, path: &Path) -> Result<Quan
         .ok_or_else(|| {
             file_error(
                 path,
-                format!(
-                    "unknown kind {:?} in the metadata; expected \"q8\" or \"q4\"",
-                    metadata.get("kind")
-                ),
+                match metadata.get("kind") {
+                    Some(kind) => format!(
+                        "unknown kind \"{kind}\" in the metadata; expected \"q8\" or \"q4\""
+                    ),
+                    None => "the metadata has no kind; expected \"q8\" or \"q4\"".to_owned(),
+                },
             )
         })?;
 
@@ -129,10 +158,16 @@ pub fn load_quantized(model: &mut dyn LanguageModel, path: &Path) -> Result<Quan
             Dtype::U8,
             &[rows, row_bytes],
         )?;
-        let scales = scales
+        let scales: Vec<f32> = scales
             .chunks_exact(4)
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .collect();
+        if let Some(bad) = scales.iter().find(|s| !s.is_finite()) {
+            return Err(file_error(
+                path,
+                format!("tensor {name}.scales holds {bad}; scales must be finite numbers"),
+            ));
+        }
         let matrix = QuantMatrix::from_parts(kind, rows, cols, scales, codes.to_vec())
             .map_err(|e| file_error(path, format!("layer {name}: {e}")))?;
         linear

@@ -25,7 +25,10 @@ pub fn scaled_dot_product_attention(
     scale: f64,
 ) -> Result<Tensor> {
     let scores = query.contiguous()?.matmul(&matmul_operand(&key.t()?)?)?;
-    let mut scores = (scores.to_dtype(DType::F32)? * scale)?;
+    let mut scores = scores.to_dtype(DType::F32)?;
+    if scale != 1.0 {
+        scores = (scores * scale)?;
+    }
     if let Some(mask) = mask {
         scores = scores.broadcast_add(mask)?;
     }

@@ -321,10 +321,17 @@ impl Linear {
             }
             Weight::Dense(_) | Weight::PackedBf16(_) => return Ok(None),
         }
-        let mut ys = Tensor::from_vec(out, shape, xs.device())?;
+        // The bias is added here rather than as a tensor operation: for a decoding step
+        // the operation's dispatch would cost more than the additions.
         if let Some(bias) = &self.bias {
-            ys = ys.broadcast_add(&bias.to_dtype(DType::F32)?)?;
+            let bias = bias.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            for row in out.chunks_mut(self.out_features) {
+                for (value, b) in row.iter_mut().zip(&bias) {
+                    *value += b;
+                }
+            }
         }
+        let ys = Tensor::from_vec(out, shape, xs.device())?;
         Ok(Some(ys.to_dtype(output_dtype)?))
     }
 }

@@ -115,9 +115,30 @@ pub enum Error {
     #[error("{0}")]
     Hub(String),
 
-    /// A tensor operation failed while running the model.
-    #[error("model computation failed: {0}")]
-    Compute(#[from] candle_core::Error),
+    /// A tensor operation failed while running the model. The message includes candle's,
+    /// so it is not also exposed as the source (which would print it twice in a chain).
+    #[error("model computation failed: {}", without_backtrace(.0))]
+    Compute(candle_core::Error),
+
+    /// Quantized language-model weights could not be made, written or read; the message
+    /// names the file when there is one.
+    #[error("{0}")]
+    Quantized(String),
+}
+
+/// Returns the error without the backtrace candle attaches when `RUST_BACKTRACE` is set: a
+/// message for users, not a crash report.
+fn without_backtrace(error: &candle_core::Error) -> &candle_core::Error {
+    match error {
+        candle_core::Error::WithBacktrace { inner, .. } => without_backtrace(inner),
+        other => other,
+    }
+}
+
+impl From<candle_core::Error> for Error {
+    fn from(error: candle_core::Error) -> Self {
+        Self::Compute(error)
+    }
 }
 
 /// Results of this crate.

@@ -286,6 +286,16 @@ impl Blip2Model {
         kind: blip2_lm::QuantKind,
     ) -> Result<blip2_lm::QuantizationReport> {
         let report = self.language_model_mut("quantize")?.quantize(kind)?;
+        if report.quantized == 0 {
+            return Err(Error::Quantized(format!(
+                "none of the language model's {} fully connected layers can be quantized: \
+                 quantization works in blocks of {} weights, and no layer's input width is a \
+                 multiple of that",
+                report.left_dense,
+                blip2_nn::kernels::quant::BLOCK
+            )));
+        }
+        warn_left_dense(&report);
         // Quantizing read every float32 matrix through the mapping; those pages are no
         // longer used (the quantized copies are), so they need not stay in memory.
         if let Some(mapped) = &self.mapped {
@@ -309,7 +319,8 @@ impl Blip2Model {
         path: &Path,
     ) -> Result<blip2_lm::QuantizationReport> {
         let model = self.language_model_mut("read quantized weights for")?;
-        let report = blip2_lm::load_quantized(model, path)?;
+        let report = blip2_lm::load_quantized(model, path).map_err(quantized_error)?;
+        warn_left_dense(&report);
         tracing::info!(
             path = %path.display(),
             layers = report.quantized,
@@ -323,7 +334,7 @@ impl Blip2Model {
     /// quantized.
     pub fn save_quantized_language_model(&mut self, path: &Path) -> Result<usize> {
         let model = self.language_model_mut("save")?;
-        Ok(blip2_lm::save_quantized(model, path)?)
+        blip2_lm::save_quantized(model, path).map_err(quantized_error)
     }
 
     fn language_model_mut(&mut self, action: &str) -> Result<&mut dyn LanguageModel> {
@@ -421,6 +432,30 @@ enum LoadError {
 impl From<candle_core::Error> for LoadError {
     fn from(error: candle_core::Error) -> Self {
         Self::Weights(error)
+    }
+}
+
+/// Keeps the message of a quantized-weights failure, which names the file, without the
+/// "model computation failed" of other tensor errors.
+fn quantized_error(error: candle_core::Error) -> Error {
+    match error {
+        candle_core::Error::Msg(message) => Error::Quantized(message),
+        candle_core::Error::WithBacktrace { inner, .. } => quantized_error(*inner),
+        other => Error::Compute(other),
+    }
+}
+
+/// Warns about layers that stay in their float dtype because their width does not fit
+/// quantization blocks.
+fn warn_left_dense(report: &blip2_lm::QuantizationReport) {
+    if report.left_dense > 0 {
+        tracing::warn!(
+            quantized = report.quantized,
+            left_dense = report.left_dense,
+            "some of the language model's fully connected layers stay unquantized: their input \
+             widths are not multiples of {}",
+            blip2_nn::kernels::quant::BLOCK
+        );
     }
 }
 
