@@ -13,10 +13,11 @@ one configuration: PyTorch transformers (versions pinned in scripts/requirements
 --torch-dtypes, and this project's `bench_caption` example in each of --modes. Both caption
 images/chelsea.png greedily with exactly --tokens new tokens, on --threads threads. The table gives
 the time of each stage, the end-to-end caption time after loading, the load time, the peak memory,
-and the ratio of each figure to PyTorch's at the same dtype. Quantized modes first run
-`blip2 quantize`, which saves the quantized layers next to the checkpoint (the run then loads that
-file) and prints the quality cost against float32 on the photos in images/. The machine's limits come first: read
-bandwidth and matrix-multiply rate measured here, and how close decoding and the vision encoder come
+and the ratio of each figure to PyTorch's at the same dtype (quantized modes against PyTorch's
+bfloat16, its fastest). Quantized modes first run `blip2 quantize`, which saves the quantized
+layers next to the checkpoint (the run then loads that file) and prints the quality cost against
+float32 on the photos in images/. The machine's limits, read bandwidth and matrix-multiply rate
+measured here, head the table; the last lines say how close decoding and the vision encoder come
 to them.
 """
 
