@@ -7,9 +7,9 @@ use candle_core::DType;
 use common::{max_difference, model_dir, photo, reference};
 
 /// Bound on the first-token logit difference against f32 (logits have a spread of
-/// about 3 on these fixtures). Measured on x86-64 CPUs: at most 0.090 in bf16 (0.077
-/// without AVX-512 BF16, whose products round differently) and 0.012 in f16 over the
-/// fixtures and five photos; the bounds leave about twice that.
+/// about 3 on these fixtures). Measured on x86-64 CPUs over the fixtures and five
+/// photos: at most 0.090 in bf16 (0.077 without AVX-512 BF16, whose products round
+/// differently) and 0.012 in f16. The bounds leave about twice that.
 const LOGIT_TOLERANCE: [(DType, f32); 2] = [(DType::BF16, 0.15), (DType::F16, 0.025)];
 
 #[test]

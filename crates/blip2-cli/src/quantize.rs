@@ -128,11 +128,11 @@ pub fn run(args: QuantizeArgs) -> anyhow::Result<ExitCode> {
 /// Refuses an output path whose file must not be replaced: anything but a new file or an
 /// earlier file of quantized layers (a checkpoint's weights, a photo, a device, a link).
 fn check_output(output: &Path, images: &[PathBuf]) -> anyhow::Result<()> {
-    let shown = output.display(); // the path as the user gave it
+    let given = output.display();
     if output.as_os_str().to_string_lossy().ends_with('/') || output.is_dir() {
-        let folder = shown.to_string();
+        let folder = given.to_string();
         anyhow::bail!(
-            "--output {shown} is a directory; give a file name such as {}/model.q4.safetensors",
+            "--output {given} is a directory; give a file name such as {}/model.q4.safetensors",
             folder.trim_end_matches('/')
         );
     }
@@ -142,7 +142,7 @@ fn check_output(output: &Path, images: &[PathBuf]) -> anyhow::Result<()> {
     };
     anyhow::ensure!(
         parent.is_dir(),
-        "--output {shown}: directory {} does not exist",
+        "--output {given}: directory {} does not exist",
         parent.display()
     );
     let Ok(metadata) = std::fs::symlink_metadata(output) else {
@@ -150,7 +150,7 @@ fn check_output(output: &Path, images: &[PathBuf]) -> anyhow::Result<()> {
     };
     anyhow::ensure!(
         metadata.file_type().is_file(),
-        "--output {shown} exists and is not a regular file (a link, device or pipe); give \
+        "--output {given} exists and is not a regular file (a link, device or pipe); give \
          another name"
     );
     let output_canonical = output.canonicalize().ok();
@@ -158,11 +158,11 @@ fn check_output(output: &Path, images: &[PathBuf]) -> anyhow::Result<()> {
         .iter()
         .any(|image| image.canonicalize().ok() == output_canonical)
     {
-        anyhow::bail!("--output {shown} is one of the photos to measure; give another name");
+        anyhow::bail!("--output {given} is one of the photos to measure; give another name");
     }
     anyhow::ensure!(
         blip2_pipeline::is_quantized_file(output),
-        "--output {shown} exists and is not a file of quantized layers; remove it or give \
+        "--output {given} exists and is not a file of quantized layers; remove it or give \
          another name (this command replaces only its own earlier output)"
     );
     Ok(())

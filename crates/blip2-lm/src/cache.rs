@@ -1,6 +1,6 @@
 use candle_core::{Result, Tensor};
 
-/// Keys and values of one attention layer, preallocated for the generation.
+/// Keys and values of one attention layer, in buffers that grow with the generation.
 ///
 /// Both buffers are `[rows, heads, allocated, head_dim]`; new entries are written in
 /// place, so a decoding step copies only the new token's keys and values. The buffers

@@ -23,31 +23,27 @@ fn file_error(path: &Path, message: impl std::fmt::Display) -> Error {
     Error::Msg(format!("{}: {message}", path.display()))
 }
 
-/// Whether `path` is a file of quantized layers, judged from its safetensors header only
-/// (for tools that must not replace any other file).
+/// Returns whether `path` is a file of quantized layers, judged from its safetensors
+/// metadata (for tools that must not replace any other file).
 pub fn is_quantized_file(path: &Path) -> bool {
-    use std::io::Read;
-    /// Headers of these files are a few hundred bytes per layer; this bounds the read.
-    const MAX_HEADER_BYTES: u64 = 64 << 20;
-    let read_header = || -> std::io::Result<Vec<u8>> {
-        let mut file = std::fs::File::open(path)?;
-        let mut length = [0u8; 8];
-        file.read_exact(&mut length)?;
-        let length = u64::from_le_bytes(length);
-        if length > MAX_HEADER_BYTES {
-            return Err(std::io::ErrorKind::InvalidData.into());
-        }
-        let mut header = vec![0u8; length as usize];
-        file.read_exact(&mut header)?;
-        Ok(header)
-    };
-    let Ok(header) = read_header() else {
-        return false;
-    };
-    let Ok(header) = serde_json::from_slice::<serde_json::Value>(&header) else {
-        return false;
-    };
-    header["__metadata__"]["format"] == FORMAT
+    map_with_metadata(path).is_ok_and(|(_, metadata)| is_quantized_metadata(&metadata))
+}
+
+/// Maps the safetensors file `path` and reads its metadata.
+fn map_with_metadata(path: &Path) -> Result<(memmap2::Mmap, HashMap<String, String>)> {
+    let file =
+        std::fs::File::open(path).map_err(|e| file_error(path, format!("cannot open: {e}")))?;
+    // SAFETY: the file is mapped read-only; callers copy out what they keep.
+    let mapped = unsafe { memmap2::Mmap::map(&file) }
+        .map_err(|e| file_error(path, format!("cannot map: {e}")))?;
+    let (_, header) = SafeTensors::read_metadata(&mapped)
+        .map_err(|e| file_error(path, format!("not a safetensors file: {e}")))?;
+    let metadata = header.metadata().clone().unwrap_or_default();
+    Ok((mapped, metadata))
+}
+
+fn is_quantized_metadata(metadata: &HashMap<String, String>) -> bool {
+    metadata.get("format").map(String::as_str) == Some(FORMAT)
 }
 
 /// Writes the quantized layers of `model` to `path`; returns how many were written.
@@ -90,19 +86,11 @@ pub fn save_quantized(model: &mut dyn LanguageModel, path: &Path) -> Result<usiz
 }
 
 /// Replaces the layers of `model` with the quantized ones saved in `path`. Every layer
-/// that can be quantized must be in the file, and the file must hold no other layer,
-/// so a file saved from another checkpoint is refused.
+/// that can be quantized must be in the file, and the file must contain no other layer,
+/// so a file saved from another checkpoint is rejected.
 pub fn load_quantized(model: &mut dyn LanguageModel, path: &Path) -> Result<QuantizationReport> {
-    let file =
-        std::fs::File::open(path).map_err(|e| file_error(path, format!("cannot open: {e}")))?;
-    // SAFETY: the file is mapped read-only and only copied out of during this call.
-    let mapped = unsafe { memmap2::Mmap::map(&file) }
-        .map_err(|e| file_error(path, format!("cannot map: {e}")))?;
-
-    let (_, header) = SafeTensors::read_metadata(&mapped)
-        .map_err(|e| file_error(path, format!("not a safetensors file: {e}")))?;
-    let metadata = header.metadata().clone().unwrap_or_default();
-    if metadata.get("format").map(String::as_str) != Some(FORMAT) {
+    let (mapped, metadata) = map_with_metadata(path)?;
+    if !is_quantized_metadata(&metadata) {
         return Err(file_error(
             path,
             format!(

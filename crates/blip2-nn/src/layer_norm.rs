@@ -185,6 +185,7 @@ impl CustomOp1 for RowNorm {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::tests::max_abs_difference;
     use candle_core::Device;
 
     #[test]
@@ -235,14 +236,7 @@ mod tests {
                 .unwrap()
                 .to_dtype(DType::F32)
                 .unwrap();
-            let diff = (kernel - generic)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = max_abs_difference(&kernel, &generic);
             let tolerance = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
             assert!(
                 diff < tolerance,

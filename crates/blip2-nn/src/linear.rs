@@ -323,8 +323,7 @@ impl Linear {
         }
         // The bias is added here rather than as a tensor operation: for a decoding step
         // the operation's dispatch would cost more than the additions.
-        if let Some(bias) = &self.bias {
-            let bias = bias.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        if let Some(bias) = self.bias_values()? {
             for row in out.chunks_mut(self.out_features) {
                 for (value, b) in row.iter_mut().zip(&bias) {
                     *value += b;
@@ -337,8 +336,16 @@ impl Linear {
 }
 
 impl Linear {
-    /// The packed bfloat16 product; the bias is added to the `f32` sums before they are
-    /// rounded to the output dtype.
+    /// Returns the bias as `f32` values, for the kernels that add it themselves.
+    fn bias_values(&self) -> Result<Option<Vec<f32>>> {
+        self.bias
+            .as_ref()
+            .map(|bias| bias.to_dtype(DType::F32)?.to_vec1::<f32>())
+            .transpose()
+    }
+
+    /// Computes the product with packed bfloat16 weights. The bias is added to the `f32`
+    /// sums before they are rounded to the output dtype.
     fn forward_packed(
         &self,
         matrix: &PackedBf16,
@@ -347,10 +354,7 @@ impl Linear {
         shape: Vec<usize>,
     ) -> Result<Tensor> {
         let inputs = xs.to_dtype(DType::BF16)?.flatten_all()?.to_vec1::<bf16>()?;
-        let bias = match &self.bias {
-            Some(bias) => Some(bias.to_dtype(DType::F32)?.to_vec1::<f32>()?),
-            None => None,
-        };
+        let bias = self.bias_values()?;
         let bias = bias.as_deref();
         match xs.dtype() {
             DType::BF16 => {
@@ -365,7 +369,7 @@ impl Linear {
     }
 }
 
-/// Whether bfloat16 weights of this dtype on this device go to the packed kernel.
+/// Returns whether bfloat16 weights of this dtype on this device go to the packed kernel.
 fn packs_bf16(dtype: DType, device: &candle_core::Device) -> bool {
     dtype == DType::BF16 && device.is_cpu() && crate::kernels::cpu_features().avx512_bf16
 }
@@ -393,6 +397,7 @@ impl Module for Linear {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::tests::max_abs_difference;
     use candle_core::Device;
 
     #[test]
@@ -409,14 +414,7 @@ mod tests {
                 .unwrap()
                 .broadcast_add(&bias)
                 .unwrap();
-            let difference = (got - expected)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let difference = max_abs_difference(&got, &expected);
             assert!(difference < 1e-4, "{rows} rows: difference {difference}");
         }
     }
@@ -446,14 +444,7 @@ mod tests {
             let mut quantized = layer.clone();
             assert!(quantized.quantize(kind).unwrap());
             let got = quantized.forward(&xs).unwrap();
-            let difference = (got - &dense)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let difference = max_abs_difference(&got, &dense);
             assert!(difference < tolerance, "{kind:?}: difference {difference}");
             assert!(quantized.weight_bytes() < layer.weight_bytes() / 3);
         }

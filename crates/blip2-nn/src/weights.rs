@@ -258,7 +258,7 @@ impl Weights {
         self.f32_matrix_in_file(name, rows, cols)
     }
 
-    /// The float32 matrix `name` `[rows, cols]` in place when the file stores it so,
+    /// Returns the float32 matrix `name` `[rows, cols]` in place when the file stores it so,
     /// whatever dtype the model runs in (for converting it once, in parallel).
     pub fn f32_matrix_in_file(&self, name: &str, rows: usize, cols: usize) -> Option<MappedMatrix> {
         if !self.vb.device().is_cpu() {

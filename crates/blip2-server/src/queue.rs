@@ -55,8 +55,8 @@ impl JobQueue {
     /// Queues `job`, or returns `503 queue_full` with a `Retry-After` estimate.
     pub fn submit(&self, job: Job) -> Result<(), ApiError> {
         // Counted before sending, so the worker never takes a job it has not seen counted.
-        // Both happen under the sender's lock, so a job counted is in the channel before
-        // another request can send: whoever sees the queue full finds it full.
+        // Both happen under the sender's lock, so a counted job is in the channel before
+        // another request can send, and a request that sees a full count finds the channel full.
         let sender = self.sender.lock().unwrap_or_else(|p| p.into_inner());
         self.status.send_modify(|status| status.waiting += 1);
         let sent = match &*sender {

@@ -189,8 +189,20 @@ unsafe fn dot_f32_avx512(a: &[f32], b: &[f32]) -> f32 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// Returns the largest absolute difference between two tensors of the same shape.
+    pub(crate) fn max_abs_difference(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
 
     pub(crate) fn pseudo_random(len: usize, seed: u64) -> Vec<f32> {
         let mut state = seed

@@ -1,8 +1,8 @@
 //! bfloat16 weights packed for `vdpbf16ps`, for products with any number of rows.
 //!
 //! The instruction multiplies 16 pairs of bfloat16 values and adds each pair's sum to
-//! an `f32` lane. The weights `[rows, cols]` are cut into panels of 16 rows; within a
-//! panel, for each pair of columns `(2q, 2q + 1)`, the 16 rows' pairs sit next to each
+//! an `f32` lane. The weights `[rows, cols]` are cut into panels of 16 rows. Within a
+//! panel, the 16 rows' values of each pair of columns `(2q, 2q + 1)` sit next to each
 //! other as one 64-byte vector. One activation pair, broadcast to every lane, then
 //! meets 16 output rows per instruction, and a pass over a panel reads it front to back.
 //!
@@ -28,8 +28,9 @@ pub struct PackedBf16 {
     cols: usize,
     /// Column pairs per row (`cols` rounded up to even, halved).
     pairs: usize,
-    /// `[panel][pair][16 rows]`; each `u32` holds column `2q` in its low half and `2q + 1`
-    /// in its high half. Rows past `rows` and the column past an odd `cols` are zero.
+    /// Values in `[panel][pair][16 rows]` order. Each `u32` contains column `2q` in its low
+    /// half and `2q + 1` in its high half. Rows past `rows` and the column past an odd
+    /// `cols` are zero.
     data: Vec<u32>,
 }
 
@@ -134,10 +135,12 @@ impl PackedBf16 {
                 "the bias must have one value per row"
             );
         }
+
         let activations = self.activation_pairs(x, inputs);
         let panels = self.rows.div_ceil(PANEL);
         let tasks = panels.div_ceil(PANELS_PER_TASK);
         let use_simd = cpu_features().avx512_bf16;
+
         // Each task writes a contiguous `[inputs, 32]` block; the blocks are gathered into
         // rows afterwards.
         let mut blocks = vec![0f32; tasks * inputs * TASK_WIDTH];
@@ -151,6 +154,7 @@ impl PackedBf16 {
                 let weights = &self.data[first * panel_len..(first + count) * panel_len];
                 self.task(weights, count, &activations, inputs, block, use_simd);
             });
+
         let mut out = vec![T::default(); inputs * self.rows];
         out.par_chunks_mut(self.rows.max(1))
             .enumerate()
@@ -164,7 +168,7 @@ impl PackedBf16 {
         out
     }
 
-    /// The activations as column pairs `[inputs, pairs]`, the last one zero-padded.
+    /// Packs the activations as column pairs `[inputs, pairs]`, the last one zero-padded.
     fn activation_pairs(&self, x: &[bf16], inputs: usize) -> Vec<u32> {
         let mut pairs = vec![0u32; inputs * self.pairs];
         for (row, packed) in x
@@ -248,7 +252,8 @@ fn widen(packed: u32) -> (f32, f32) {
     )
 }
 
-/// The reference for the SIMD tile: the same sums, pair by pair, in `f32`.
+/// Computes the same sums as the SIMD tile, pair by pair in `f32`: its fallback and its
+/// reference in tests.
 fn tile_portable(weights: &[u32], count: usize, rows: &[u32], pairs: usize, out: &mut [f32]) {
     for (activation, sums) in rows.chunks(pairs).zip(out.chunks_mut(TASK_WIDTH)) {
         for panel in 0..count {
@@ -278,8 +283,10 @@ unsafe fn tile_avx512<const R: usize>(
     out: &mut [f32],
 ) {
     use std::arch::x86_64::*;
-    assert!(weights.len() >= count * pairs * PANEL && rows.len() >= R * pairs);
-    assert!(out.len() >= R * TASK_WIDTH && (count == 1 || count == 2));
+    assert!(weights.len() >= count * pairs * PANEL);
+    assert!(rows.len() >= R * pairs);
+    assert!(out.len() >= R * TASK_WIDTH);
+    assert!(count == 1 || count == 2);
     let first = weights.as_ptr();
     // With one panel the second pass reuses it; its sums are never read.
     let second = if count == 2 {

@@ -219,7 +219,7 @@ impl QuantMatrix {
         self.scales.len() * 4 + self.codes.len()
     }
 
-    /// The scale of block `b` of row `r`.
+    /// Returns the scale of block `b` of row `r`.
     fn scale(&self, r: usize, b: usize) -> f32 {
         self.scales[slot(self.rows, self.cols / BLOCK, r, b)]
     }
@@ -467,8 +467,8 @@ impl QuantMatrix {
     }
 }
 
-/// Where a kernel tile writes: rows `row..` (output rows `stride` apart, starting at
-/// `outputs[0]`) times inputs `input..`.
+/// The output region of a kernel tile: rows `row..` times inputs `input..`, with output
+/// rows `stride` apart from `outputs[0]`.
 #[cfg(target_arch = "x86_64")]
 struct Tile<'a> {
     row: usize,
@@ -477,7 +477,7 @@ struct Tile<'a> {
     stride: usize,
 }
 
-/// How far ahead of its reads a kernel tile asks for its codes.
+/// How far ahead of its reads, in bytes, a kernel tile prefetches its codes.
 #[cfg(target_arch = "x86_64")]
 const PREFETCH_BYTES: usize = 4096;
 
@@ -489,7 +489,7 @@ const GROUP_ROWS: usize = 4;
 ///
 /// Rows go in groups of [`GROUP_ROWS`] (the last group may be smaller). Within a group,
 /// the first pair of blocks of each row comes first, then the second pair of each row,
-/// and so on; an unpaired last block of each row closes the group.
+/// and so on. An unpaired last block of each row closes the group.
 fn slot(rows: usize, blocks: usize, r: usize, b: usize) -> usize {
     let group_start = r / GROUP_ROWS * GROUP_ROWS;
     let group_rows = GROUP_ROWS.min(rows - group_start);
@@ -503,7 +503,7 @@ fn slot(rows: usize, blocks: usize, r: usize, b: usize) -> usize {
     group_start * blocks + within
 }
 
-/// Which way [`reorder`] moves blocks.
+/// The direction in which [`reorder`] moves blocks.
 #[derive(Clone, Copy)]
 enum Direction {
     ToSlots,
