@@ -23,7 +23,7 @@ pub struct ModelArgs {
     #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
     pub dtype: String,
 
-    /// Number of CPU threads for the model (default: all cores).
+    /// Number of CPU threads for the model, 1 to 1024 (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
 

@@ -21,7 +21,8 @@ pub struct QuantizeArgs {
     pub kind: String,
 
     /// Write the quantized layers to this safetensors file; other commands then load it
-    /// with `--quantize FILE` instead of quantizing at every start.
+    /// with `--quantize FILE` instead of quantizing at every start. An existing file is
+    /// replaced only if it is an earlier output of this command.
     #[arg(long, short)]
     pub output: Option<PathBuf>,
 
@@ -33,7 +34,7 @@ pub struct QuantizeArgs {
     #[arg(long, default_value_t = 32)]
     pub positions: usize,
 
-    /// Number of CPU threads (default: all cores).
+    /// Number of CPU threads, 1 to 1024 (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
 
