@@ -60,9 +60,14 @@ impl Attention {
     fn forward(&self, xs: &Tensor, mask: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let (rows, tokens, hidden) = xs.dims3()?;
         // OPT scales the queries before the product, not the scores after it.
-        let query = self.split_heads(&(self.q_proj.forward(xs)? * self.scaling)?)?;
-        let key = self.split_heads(&self.k_proj.forward(xs)?)?;
-        let value = self.split_heads(&self.v_proj.forward(xs)?)?;
+        let [query, key, value] =
+            &Linear::forward_many(&[&self.q_proj, &self.k_proj, &self.v_proj], xs)?[..]
+        else {
+            unreachable!("three layers give three products")
+        };
+        let query = self.split_heads(&(query * self.scaling)?)?;
+        let key = self.split_heads(key)?;
+        let value = self.split_heads(value)?;
         let (key, value) = cache.append(&key, &value)?;
         let attended = scaled_dot_product_attention(&query, &key, &value, Some(mask), 1.0)?;
         let merged = attended.transpose(1, 2)?.reshape((rows, tokens, hidden))?;

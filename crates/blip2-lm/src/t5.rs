@@ -114,10 +114,10 @@ impl Attention {
     }
 
     fn keys_values(&self, xs: &Tensor) -> Result<(Tensor, Tensor)> {
-        Ok((
-            self.split_heads(&self.k.forward(xs)?)?,
-            self.split_heads(&self.v.forward(xs)?)?,
-        ))
+        let [keys, values] = &Linear::forward_many(&[&self.k, &self.v], xs)?[..] else {
+            unreachable!("two layers give two products")
+        };
+        Ok((self.split_heads(keys)?, self.split_heads(values)?))
     }
 
     /// The learned bias `[1, heads, queries, keys]` in `f32` for queries at
@@ -219,10 +219,17 @@ impl FeedForward {
 
     fn forward(&self, xs: &Tensor, dtype: DType) -> Result<Tensor> {
         let normed = self.norm.forward(xs)?.to_dtype(dtype)?;
-        let mut hidden = self.activation.forward(&self.wi_0.forward(&normed)?)?;
-        if let Some(wi_1) = &self.wi_1 {
-            hidden = (hidden * wi_1.forward(&normed)?)?;
-        }
+        let hidden = match &self.wi_1 {
+            // Gated: both input projections read the same input, so they share one pass.
+            Some(wi_1) => {
+                let [gate, linear] = &Linear::forward_many(&[&self.wi_0, wi_1], &normed)?[..]
+                else {
+                    unreachable!("two layers give two products")
+                };
+                (self.activation.forward(gate)? * linear)?
+            }
+            None => self.activation.forward(&self.wi_0.forward(&normed)?)?,
+        };
         let wo_dtype = self.wo.dtype();
         let output = self.wo.forward(&hidden.to_dtype(wo_dtype)?)?;
         residual_add(xs, &output)

@@ -16,8 +16,23 @@ pub fn additive_mask_value() -> f32 {
 /// `[batch, heads, kv_len, head_dim]`; `mask` is additive, in `f32`, and broadcasts to
 /// `[batch, heads, q_len, kv_len]`. Scores and softmax are computed in `f32` whatever
 /// the input dtype; the result has the dtype of `value`, shape `[batch, heads, q_len,
-/// head_dim]`.
+/// head_dim]`. A single query on the CPU (a decoding step) takes one fused pass that
+/// also keeps the products in `f32`.
 pub fn scaled_dot_product_attention(
+    query: &Tensor,
+    key: &Tensor,
+    value: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    match crate::single_query::single_query_attention(query, key, value, mask, scale)? {
+        Some(attended) => Ok(attended),
+        None => attention_by_tensor_ops(query, key, value, mask, scale),
+    }
+}
+
+/// The general path: scores, softmax and value product as tensor operations.
+fn attention_by_tensor_ops(
     query: &Tensor,
     key: &Tensor,
     value: &Tensor,
@@ -57,4 +72,44 @@ fn matmul_operand(xs: &Tensor) -> Result<Tensor> {
 /// Softmax over the last dimension in `f32`, returned in `f32`.
 pub fn softmax_f32(xs: &Tensor) -> Result<Tensor> {
     candle_nn::ops::softmax(&xs.to_dtype(DType::F32)?, D::Minus1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::tests::max_abs_difference;
+    use candle_core::{Device, IndexOp};
+
+    #[test]
+    fn single_query_pass_matches_tensor_ops() {
+        let device = Device::Cpu;
+        let (batch, heads, allocated, head_dim) = (2, 3, 12, 20);
+        // Keys and values as a cache holds them: a prefix of a larger buffer.
+        let cache = Tensor::randn(0f32, 1.0, (batch, heads, allocated, head_dim), &device).unwrap();
+        let query = Tensor::randn(0f32, 1.0, (batch, heads, 1, head_dim), &device).unwrap();
+        let mut mask = vec![0f32; batch * 9];
+        mask[9] = additive_mask_value(); // the second row's first position is padding
+        let mask = Tensor::from_vec(mask, (batch, 1, 1, 9), &device).unwrap();
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let cache = cache.to_dtype(dtype).unwrap();
+            let key = cache.i((.., .., 0..9, ..)).unwrap();
+            let value = cache.i((.., .., 3..12, ..)).unwrap();
+            let query = query.to_dtype(dtype).unwrap();
+            for mask in [None, Some(&mask)] {
+                let fused =
+                    crate::single_query::single_query_attention(&query, &key, &value, mask, 0.3)
+                        .unwrap()
+                        .expect("the single-query pass applies");
+                let general = attention_by_tensor_ops(&query, &key, &value, mask, 0.3).unwrap();
+                assert_eq!(fused.dims(), general.dims());
+                assert_eq!(fused.dtype(), dtype);
+                let tolerance = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
+                let difference = max_abs_difference(
+                    &fused.to_dtype(DType::F32).unwrap(),
+                    &general.to_dtype(DType::F32).unwrap(),
+                );
+                assert!(difference < tolerance, "{dtype:?}: difference {difference}");
+            }
+        }
+    }
 }

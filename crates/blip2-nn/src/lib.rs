@@ -13,6 +13,7 @@ mod config_error;
 pub mod kernels;
 mod layer_norm;
 mod linear;
+mod single_query;
 mod weights;
 
 pub use activation::Activation;

@@ -264,7 +264,6 @@ impl Linear {
             return Ok(None);
         };
         *last = self.out_features;
-        let output_dtype = xs.dtype();
         if let Weight::PackedBf16(matrix) = &self.weight {
             return self.forward_packed(matrix, xs, rows, shape).map(Some);
         }
@@ -321,8 +320,13 @@ impl Linear {
             }
             Weight::Dense(_) | Weight::PackedBf16(_) => return Ok(None),
         }
-        // The bias is added here rather than as a tensor operation: for a decoding step
-        // the operation's dispatch would cost more than the additions.
+        self.kernel_output(out, shape, xs).map(Some)
+    }
+
+    /// Adds the bias to the kernel's `f32` products and returns them in the input's dtype
+    /// and device. The bias is added here rather than as a tensor operation: for a
+    /// decoding step the operation's dispatch would cost more than the additions.
+    fn kernel_output(&self, mut out: Vec<f32>, shape: Vec<usize>, xs: &Tensor) -> Result<Tensor> {
         if let Some(bias) = self.bias_values()? {
             for row in out.chunks_mut(self.out_features) {
                 for (value, b) in row.iter_mut().zip(&bias) {
@@ -330,8 +334,40 @@ impl Linear {
                 }
             }
         }
-        let ys = Tensor::from_vec(out, shape, xs.device())?;
-        Ok(Some(ys.to_dtype(output_dtype)?))
+        Tensor::from_vec(out, shape, xs.device())?.to_dtype(xs.dtype())
+    }
+
+    /// Applies several layers to the same input, as attention does with its query, key
+    /// and value projections. Quantized layers of one kind and width share one pass:
+    /// the input is quantized once and their rows are computed together. Any other mix
+    /// runs layer by layer.
+    pub fn forward_many(layers: &[&Linear], xs: &Tensor) -> Result<Vec<Tensor>> {
+        let matrices: Option<Vec<&QuantMatrix>> =
+            layers.iter().map(|layer| layer.quantized()).collect();
+        let shared = matrices.filter(|matrices| {
+            xs.device().is_cpu()
+                && xs.dims().last() == Some(&matrices.first().map_or(0, |m| m.cols()))
+                && matrices
+                    .iter()
+                    .all(|m| m.kind() == matrices[0].kind() && m.cols() == matrices[0].cols())
+        });
+        let Some(matrices) = shared else {
+            return layers.iter().map(|layer| layer.forward(xs)).collect();
+        };
+        let rows = xs.elem_count() / matrices[0].cols().max(1);
+        let inputs = xs.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let products = QuantMatrix::matmul_many(&matrices, &inputs, rows);
+        layers
+            .iter()
+            .zip(products)
+            .map(|(layer, out)| {
+                let mut shape = xs.dims().to_vec();
+                if let Some(last) = shape.last_mut() {
+                    *last = layer.out_features;
+                }
+                layer.kernel_output(out, shape, xs)
+            })
+            .collect()
     }
 }
 
@@ -455,5 +491,29 @@ mod tests {
         );
         layer.quantize(QuantKind::Q4).unwrap();
         assert!(layer.is_quantized());
+    }
+
+    #[test]
+    fn shared_input_products_match_single_ones() {
+        let device = Device::Cpu;
+        let layer = |rows: usize, seed: u64| {
+            let weight =
+                Tensor::from_vec(values(rows * 64, seed, 0.1), (rows, 64), &device).unwrap();
+            let bias = Tensor::from_vec(values(rows, seed + 10, 0.1), rows, &device).unwrap();
+            Linear::new(weight, Some(bias))
+        };
+        let (mut first, mut second, dense) = (layer(12, 3), layer(20, 4), layer(8, 5));
+        first.quantize(QuantKind::Q8).unwrap();
+        second.quantize(QuantKind::Q8).unwrap();
+        let xs = Tensor::from_vec(values(3 * 64, 6, 1.0), (1, 3, 64), &device).unwrap();
+        // All quantized alike: one shared pass. With a dense layer: one at a time.
+        for layers in [vec![&first, &second], vec![&first, &dense, &second]] {
+            let products = Linear::forward_many(&layers, &xs).unwrap();
+            for (layer, product) in layers.iter().zip(&products) {
+                let alone = layer.forward(&xs).unwrap();
+                assert_eq!(product.dims(), alone.dims());
+                assert_eq!(max_abs_difference(product, &alone), 0.0);
+            }
+        }
     }
 }

@@ -252,28 +252,63 @@ impl QuantMatrix {
     /// `out[m][r] = Σ_k x[m][k] · w[r][k]` with `x` `[inputs, cols]` quantized to 8 bits
     /// per block; `out` is `[inputs, rows]`.
     pub fn matmul(&self, x: &[f32], inputs: usize, out: &mut [f32]) {
-        assert_eq!(x.len(), inputs * self.cols, "inputs must be inputs × cols");
         assert_eq!(
             out.len(),
             inputs * self.rows,
             "outputs must be inputs × rows"
         );
-        let activations = QuantizedActivations::new(x, inputs, self.cols, self.kind.offset());
+        let [product] = &Self::matmul_many(&[self], x, inputs)[..] else {
+            unreachable!("one matrix gives one product")
+        };
+        out.copy_from_slice(product);
+    }
+
+    /// The products of several matrices of one kind and width with the same input `x`
+    /// `[inputs, cols]`, each `[inputs, rows]`. The input is quantized once and all the
+    /// matrices' rows are shared out among the threads together, which for a single input
+    /// row saves a dispatch per matrix.
+    pub fn matmul_many(matrices: &[&Self], x: &[f32], inputs: usize) -> Vec<Vec<f32>> {
+        let Some(first) = matrices.first() else {
+            return Vec::new();
+        };
+        let (kind, cols) = (first.kind, first.cols);
+        assert!(
+            matrices.iter().all(|m| m.kind == kind && m.cols == cols),
+            "matrices must share their kind and width"
+        );
+        assert_eq!(x.len(), inputs * cols, "inputs must be inputs × cols");
+        let activations = QuantizedActivations::new(x, inputs, cols, kind.offset());
         let features = cpu_features();
         // Each task fills its rows' outputs, `[rows of the task, inputs]`.
-        let mut transposed = vec![0f32; self.rows * inputs];
-        transposed
-            .par_chunks_mut(super::ROWS_PER_TASK * inputs)
-            .enumerate()
-            .for_each(|(task, block)| {
-                let first = task * super::ROWS_PER_TASK;
-                self.rows_products(first, &activations, block, inputs, features);
-            });
-        for r in 0..self.rows {
-            for m in 0..inputs {
-                out[m * self.rows + r] = transposed[r * inputs + m];
+        let mut transposed: Vec<Vec<f32>> = matrices
+            .iter()
+            .map(|m| vec![0f32; m.rows * inputs])
+            .collect();
+        let mut tasks = Vec::new();
+        for (matrix, outputs) in matrices.iter().zip(transposed.iter_mut()) {
+            for (task, block) in outputs
+                .chunks_mut(super::ROWS_PER_TASK * inputs)
+                .enumerate()
+            {
+                tasks.push((*matrix, task * super::ROWS_PER_TASK, block));
             }
         }
+        tasks.into_par_iter().for_each(|(matrix, first, block)| {
+            matrix.rows_products(first, &activations, block, inputs, features);
+        });
+        matrices
+            .iter()
+            .zip(transposed)
+            .map(|(matrix, by_row)| {
+                let mut out = vec![0f32; inputs * matrix.rows];
+                for r in 0..matrix.rows {
+                    for m in 0..inputs {
+                        out[m * matrix.rows + r] = by_row[r * inputs + m];
+                    }
+                }
+                out
+            })
+            .collect()
     }
 
     /// Products of rows `first..` with every input, into `outputs` `[rows, inputs]`.
@@ -298,6 +333,14 @@ impl QuantMatrix {
                 } else {
                     1
                 };
+                if tile_rows == GROUP_ROWS && inputs == 1 && self.kind == QuantKind::Q4 {
+                    // SAFETY: as below; the group's four rows exist.
+                    unsafe {
+                        self.group_q4_single_vnni(first + r, activations, &mut outputs[r..r + 4])
+                    };
+                    r += tile_rows;
+                    continue;
+                }
                 let mut m = 0;
                 while m < inputs {
                     let tile_inputs = match inputs - m {
@@ -467,6 +510,103 @@ impl QuantMatrix {
     }
 }
 
+impl QuantMatrix {
+    /// Products of the four 4-bit rows of the group at `row` with a single input, the
+    /// decoding case. Two rows share each 64-byte load: low nibbles hold both rows' first
+    /// block and high nibbles their second, so the input's blocks are broadcast to both
+    /// halves instead of the codes being shuffled into row order.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
+    unsafe fn group_q4_single_vnni(
+        &self,
+        row: usize,
+        activations: &QuantizedActivations,
+        outputs: &mut [f32],
+    ) {
+        use std::arch::x86_64::*;
+        let blocks = self.cols / BLOCK;
+        let pairs = blocks / 2;
+        assert!(row.is_multiple_of(GROUP_ROWS) && row + GROUP_ROWS <= self.rows);
+        assert!(outputs.len() == GROUP_ROWS && activations.codes.len() >= self.cols);
+        // SAFETY: the group lies inside the matrix, checked above.
+        let (codes, scales) = unsafe {
+            (
+                self.codes.as_ptr().add(row * blocks * BLOCK / 2),
+                self.scales.as_ptr().add(row * blocks),
+            )
+        };
+        let (x_codes, x_corrections, x_scales) = (
+            activations.codes.as_ptr(),
+            activations.lane_corrections.as_ptr(),
+            activations.scales.as_ptr(),
+        );
+        // A pair's eight weight scales are [row 0 block 0, row 0 block 1, row 1 block 0, …];
+        // these pick one block of two rows, eight lanes each.
+        let first_blocks = [
+            _mm512_set_epi32(2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0),
+            _mm512_set_epi32(6, 6, 6, 6, 6, 6, 6, 6, 4, 4, 4, 4, 4, 4, 4, 4),
+        ];
+        let second_blocks = [
+            _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1),
+            _mm512_set_epi32(7, 7, 7, 7, 7, 7, 7, 7, 5, 5, 5, 5, 5, 5, 5, 5),
+        ];
+        let low_nibbles = _mm512_set1_epi8(0x0F);
+        let mut sums = [_mm512_setzero_ps(); 2];
+        for p in 0..pairs {
+            // SAFETY (all loads): p < pairs, inside the group's codes and scales and the
+            // input's codes, corrections and scales.
+            unsafe {
+                let pair_codes = codes.add(p * GROUP_ROWS * BLOCK);
+                _mm_prefetch::<_MM_HINT_T0>(pair_codes.wrapping_add(PREFETCH_BYTES).cast());
+                _mm_prefetch::<_MM_HINT_T0>(pair_codes.wrapping_add(PREFETCH_BYTES + 64).cast());
+                let x_first =
+                    _mm512_broadcast_i64x4(_mm256_loadu_si256(x_codes.add(64 * p).cast()));
+                let x_second =
+                    _mm512_broadcast_i64x4(_mm256_loadu_si256(x_codes.add(64 * p + 32).cast()));
+                let start_first =
+                    _mm512_broadcast_i64x4(_mm256_loadu_si256(x_corrections.add(16 * p).cast()));
+                let start_second = _mm512_broadcast_i64x4(_mm256_loadu_si256(
+                    x_corrections.add(16 * p + 8).cast(),
+                ));
+                let x_pair = _mm256_castpd_ps(_mm256_broadcast_sd(&*x_scales.add(2 * p).cast()));
+                let products = _mm512_castps256_ps512(_mm256_mul_ps(
+                    _mm256_loadu_ps(scales.add(p * 2 * GROUP_ROWS)),
+                    x_pair,
+                ));
+                for half in 0..2 {
+                    let both = _mm512_loadu_si512(pair_codes.add(64 * half).cast());
+                    let first = _mm512_and_si512(both, low_nibbles);
+                    let second = _mm512_and_si512(_mm512_srli_epi16::<4>(both), low_nibbles);
+                    let dot_first = _mm512_dpbusd_epi32(start_first, first, x_first);
+                    let dot_second = _mm512_dpbusd_epi32(start_second, second, x_second);
+                    let sum = _mm512_fmadd_ps(
+                        _mm512_cvtepi32_ps(dot_first),
+                        _mm512_permutexvar_ps(first_blocks[half], products),
+                        sums[half],
+                    );
+                    sums[half] = _mm512_fmadd_ps(
+                        _mm512_cvtepi32_ps(dot_second),
+                        _mm512_permutexvar_ps(second_blocks[half], products),
+                        sum,
+                    );
+                }
+            }
+        }
+        let unpaired = blocks % 2 == 1;
+        for (half, sum) in sums.iter().enumerate() {
+            let lanes: [f32; 16] = unsafe { std::mem::transmute(*sum) };
+            for i in 0..2 {
+                let r = row + 2 * half + i;
+                let mut total: f32 = lanes[8 * i..8 * i + 8].iter().sum();
+                if unpaired {
+                    total += self.block_product(r, &self.row_codes(r), 0, blocks - 1, activations);
+                }
+                outputs[2 * half + i] = total;
+            }
+        }
+    }
+}
+
 /// The output region of a kernel tile: rows `row..` times inputs `input..`, with output
 /// rows `stride` apart from `outputs[0]`.
 #[cfg(target_arch = "x86_64")]
@@ -594,16 +734,25 @@ struct QuantizedActivations {
 impl QuantizedActivations {
     fn new(x: &[f32], inputs: usize, cols: usize, offset: i32) -> Self {
         let blocks = cols / BLOCK;
-        let mut codes = Vec::with_capacity(inputs * cols);
-        let mut scales = Vec::with_capacity(inputs * blocks);
-        let mut sums = Vec::with_capacity(inputs * blocks);
-        let mut lane_corrections = Vec::with_capacity(inputs * cols / 4);
-        for block in x.chunks(BLOCK) {
-            let (scale, q) = quantize_block(block, 127.0);
-            scales.push(scale);
-            sums.push(q.iter().sum());
-            lane_corrections.extend(q.chunks(4).map(|lane| -offset * lane.iter().sum::<i32>()));
-            codes.extend(q.iter().map(|&c| c as i8));
+        let mut codes = vec![0i8; inputs * cols];
+        let mut scales = vec![0f32; inputs * blocks];
+        let mut sums = vec![0i32; inputs * blocks];
+        let mut lane_corrections = vec![0i32; inputs * cols / 4];
+        for (((values, block_codes), scale), (sum, corrections)) in x
+            .chunks_exact(BLOCK)
+            .zip(codes.chunks_exact_mut(BLOCK))
+            .zip(&mut scales)
+            .zip(
+                sums.iter_mut()
+                    .zip(lane_corrections.chunks_exact_mut(BLOCK / 4)),
+            )
+        {
+            *scale = quantize_activation_block(values, block_codes);
+            for (correction, lane) in corrections.iter_mut().zip(block_codes.chunks_exact(4)) {
+                let lane_sum: i32 = lane.iter().map(|&c| i32::from(c)).sum();
+                *correction = -offset * lane_sum;
+                *sum += lane_sum;
+            }
         }
         let pairs = blocks / 2;
         let mut pair_scales = Vec::with_capacity(inputs * pairs * 16);
@@ -621,6 +770,25 @@ impl QuantizedActivations {
             pair_scales,
         }
     }
+}
+
+/// Quantizes one block of activations to codes in -127..=127 and returns its scale.
+///
+/// Rounding adds and subtracts 1.5 · 2²³, which rounds half to even in `f32` arithmetic
+/// and, unlike `f32::round`, compiles to vector instructions on every x86-64 CPU.
+fn quantize_activation_block(values: &[f32], codes: &mut [i8]) -> f32 {
+    const ROUNDING: f32 = 12_582_912.0;
+    let max = values.iter().fold(0f32, |m, v| m.max(v.abs()));
+    if max == 0.0 || !max.is_finite() {
+        codes.fill(0);
+        return if max == 0.0 { 0.0 } else { f32::NAN };
+    }
+    let inverse = 127.0 / max;
+    for (code, &value) in codes.iter_mut().zip(values) {
+        let rounded = (value * inverse + ROUNDING) - ROUNDING;
+        *code = rounded.clamp(-127.0, 127.0) as i8;
+    }
+    max / 127.0
 }
 
 #[cfg(test)]
@@ -685,6 +853,36 @@ mod tests {
                             "{kind:?} row {r} input {m}: portable and chosen kernels differ"
                         );
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn shared_products_equal_separate_ones() {
+        let cols = 160;
+        let x = pseudo_random(2 * cols, 9);
+        for kind in [QuantKind::Q8, QuantKind::Q4] {
+            let matrices: Vec<QuantMatrix> = [(8, 10), (70, 11), (3, 12)]
+                .iter()
+                .map(|&(rows, seed)| {
+                    QuantMatrix::quantize(kind, &pseudo_random(rows * cols, seed), rows, cols)
+                        .unwrap()
+                })
+                .collect();
+            for inputs in [1, 2] {
+                let x = &x[..inputs * cols];
+                let shared =
+                    QuantMatrix::matmul_many(&matrices.iter().collect::<Vec<_>>(), x, inputs);
+                for (matrix, product) in matrices.iter().zip(&shared) {
+                    let mut alone = vec![0f32; inputs * matrix.rows()];
+                    matrix.matmul(x, inputs, &mut alone);
+                    assert_eq!(
+                        product,
+                        &alone,
+                        "{kind:?}, {} rows, {inputs} inputs",
+                        matrix.rows()
+                    );
                 }
             }
         }
