@@ -2,11 +2,11 @@
 //! comparison with PyTorch in `scripts/bench_vs_pytorch.py`:
 //!
 //! `cargo run --release --example bench_caption -- MODEL IMAGE [--dtype f32|bf16|f16] [--quantize q8|q4|FILE]
-//! [--low-memory] [--tokens 20]`
+//! [--low-memory] [--tokens 20] [--repeats 3]`
 //!
 //! The caption is forced to exactly `--tokens` new tokens (minimum = maximum), greedy.
 //! One caption runs first (reported as `first_caption_s`); the stage timings and the
-//! end-to-end `total_s` are measured after it.
+//! end-to-end `total_s` are measured after it, each the median of `--repeats` runs.
 //! Peak memory is the process's peak resident set size (`VmHWM`), read at the end.
 
 use std::time::Instant;
@@ -20,6 +20,22 @@ fn peak_rss_bytes() -> Option<u64> {
     Some(kib * 1024)
 }
 
+type Outcome<T> = Result<T, Box<dyn std::error::Error>>;
+
+/// Runs `stage` `repeats` times (at least once); returns the median time and the last result.
+fn median_time<T>(repeats: usize, mut stage: impl FnMut() -> Outcome<T>) -> Outcome<(f64, T)> {
+    let mut times = Vec::new();
+    let mut result = None;
+    for _ in 0..repeats.max(1) {
+        let start = Instant::now();
+        result = Some(stage()?);
+        times.push(start.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    let result = result.expect("the stage ran at least once");
+    Ok((times[times.len() / 2], result))
+}
+
 fn arg_value(args: &[String], name: &str) -> Option<String> {
     args.iter()
         .position(|a| a == name)
@@ -31,11 +47,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [model, image, ..] = args.as_slice() else {
         return Err("usage: bench_caption MODEL IMAGE [--dtype f32|bf16|f16] \
-                    [--quantize q8|q4|FILE] [--low-memory] [--tokens N]"
+                    [--quantize q8|q4|FILE] [--low-memory] [--tokens N] [--repeats N]"
             .into());
     };
     let dtype = parse_dtype(&arg_value(&args, "--dtype").unwrap_or_else(|| "f32".into()))?;
     let tokens: usize = arg_value(&args, "--tokens").map_or(Ok(20), |t| t.parse())?;
+    let repeats: usize = arg_value(&args, "--repeats").map_or(Ok(3), |t| t.parse())?;
     let low_memory = args.iter().any(|a| a == "--low-memory");
     // `q8` or `q4` quantizes at load; anything else names a file `blip2 quantize` wrote.
     let quantize_arg = arg_value(&args, "--quantize");
@@ -69,38 +86,35 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     blip2.caption(&photo, None, &options)?;
     let first_caption_s = start.elapsed().as_secs_f64();
 
-    let start = Instant::now();
-    let photo = blip2::image::load_image(image, &Default::default())?;
-    let pixels = blip2.pixel_values(std::slice::from_ref(&photo))?;
-    let preprocess_s = start.elapsed().as_secs_f64();
+    let (preprocess_s, pixels) = median_time(repeats, || {
+        let photo = blip2::image::load_image(image, &Default::default())?;
+        Ok(blip2.pixel_values(std::slice::from_ref(&photo))?)
+    })?;
 
     let model_ref = blip2.model();
-    let start = Instant::now();
-    let vision = model_ref
-        .vision_encoder()
-        .encode(&pixels.to_dtype(model_ref.dtype())?)?;
-    let vision_s = start.elapsed().as_secs_f64();
-    let start = Instant::now();
-    let _queries = model_ref
-        .qformer()
-        .query_features(model_ref.query_tokens(), &vision)?;
-    let qformer_s = start.elapsed().as_secs_f64();
+    let (vision_s, vision) = median_time(repeats, || {
+        Ok(model_ref
+            .vision_encoder()
+            .encode(&pixels.to_dtype(model_ref.dtype())?)?)
+    })?;
+    let (qformer_s, _) = median_time(repeats, || {
+        Ok(model_ref
+            .qformer()
+            .query_features(model_ref.query_tokens(), &vision)?)
+    })?;
 
     let features = blip2.encode_images(&pixels)?;
-    let start = Instant::now();
-    let _logits = blip2.first_token_logits(&features, &[])?;
-    let prefill_s = start.elapsed().as_secs_f64();
-
-    let start = Instant::now();
-    let captions = blip2.generate_from_features(&features, &[], &options, None)?;
-    let generate_s = start.elapsed().as_secs_f64();
+    let (prefill_s, _) = median_time(repeats, || Ok(blip2.first_token_logits(&features, &[])?))?;
+    let (generate_s, captions) = median_time(repeats, || {
+        Ok(blip2.generate_from_features(&features, &[], &options, None)?)
+    })?;
     let generated = captions[0][0].token_ids.len();
 
     // End to end: what `blip2 caption` does after loading.
-    let start = Instant::now();
-    let photo = blip2::image::load_image(image, &Default::default())?;
-    let caption = blip2.caption(&photo, None, &options)?;
-    let total_s = start.elapsed().as_secs_f64();
+    let (total_s, caption) = median_time(repeats, || {
+        let photo = blip2::image::load_image(image, &Default::default())?;
+        Ok(blip2.caption(&photo, None, &options)?)
+    })?;
 
     let decode_per_token_s = (generate_s - prefill_s) / (generated.max(2) - 1) as f64;
     let report = serde_json::json!({
@@ -118,6 +132,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "generate_s": generate_s,
         "generated_tokens": generated,
         "total_s": total_s,
+        "repeats": repeats,
         "caption_tokens": caption.token_ids.len(),
         "peak_rss_bytes": peak_rss_bytes(),
     });

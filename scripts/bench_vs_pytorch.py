@@ -1,7 +1,7 @@
 """Time this project against PyTorch transformers on a full-size blip2-opt-2.7b-shaped checkpoint.
 
 Usage:
-    python scripts/bench_vs_pytorch.py [--checkpoint DIR] [--threads 2] [--tokens 20]
+    python scripts/bench_vs_pytorch.py [--checkpoint DIR] [--threads 2] [--tokens 20] [--repeats 3]
                                        [--modes f32,bf16] [--torch-dtypes float32,bfloat16]
 
 The first run writes a checkpoint with the published blip2-opt-2.7b shapes and random weights
@@ -11,8 +11,9 @@ default ~/.cache/blip2-bench/blip2-opt-2.7b-random. Later runs reuse it.
 Each measurement runs in its own process, so peak memory (maximum resident set size) belongs to
 one configuration: PyTorch transformers (versions pinned in scripts/requirements.txt) in each of
 --torch-dtypes, and this project's `bench_caption` example in each of --modes. Both caption
-images/chelsea.png greedily with exactly --tokens new tokens, on --threads threads. The table gives
-the time of each stage, the end-to-end caption time after loading, the load time, the peak memory,
+images/chelsea.png greedily with exactly --tokens new tokens, on --threads threads. Each stage
+runs --repeats times and its median counts, which steadies figures on a shared machine. The table
+gives the time of each stage, the end-to-end caption time after loading, the load time, the peak memory,
 and the ratio of each figure to PyTorch's at the same dtype (quantized modes against PyTorch's
 bfloat16, its fastest). Quantized modes first run `blip2 quantize`, which saves the quantized
 layers next to the checkpoint (the run then loads that file) and prints the quality cost against
@@ -25,6 +26,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -94,7 +96,17 @@ def write_checkpoint(directory: Path) -> None:
     (directory / "processor_config.json").write_text(json.dumps(processor, indent=2))
 
 
-def torch_worker(checkpoint: Path, dtype_name: str, tokens: int, threads: int) -> dict:
+def timed(function, repeats: int):
+    """Call `function` `repeats` times; return the median time and the last result."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = function()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def torch_worker(checkpoint: Path, dtype_name: str, tokens: int, threads: int, repeats: int) -> dict:
     """One PyTorch measurement; runs in its own process."""
     import torch
     from PIL import Image
@@ -118,36 +130,27 @@ def torch_worker(checkpoint: Path, dtype_name: str, tokens: int, threads: int) -
         model.generate(pixel_values=first_pixels, input_ids=first_ids, **settings)
         first_caption_s = time.perf_counter() - start
 
-        start = time.perf_counter()
-        pixels = processor([Image.open(PHOTO)], return_tensors="pt")["pixel_values"].to(dtype)
-        preprocess_s = time.perf_counter() - start
-        input_ids = torch.tensor([[IMAGE_TOKEN_INDEX] * NUM_QUERY_TOKENS + [2]])
+        def read_pixels():
+            return processor([Image.open(PHOTO)], return_tensors="pt")["pixel_values"].to(dtype)
 
-        start = time.perf_counter()
-        vision = model.vision_model(pixels).last_hidden_state
-        vision_s = time.perf_counter() - start
-        start = time.perf_counter()
-        queries = model.qformer(
-            query_embeds=model.query_tokens,
-            encoder_hidden_states=vision,
-            encoder_attention_mask=torch.ones(vision.shape[:-1], dtype=torch.long),
-        ).last_hidden_state
-        qformer_s = time.perf_counter() - start
+        preprocess_s, pixels = timed(read_pixels, repeats)
+        input_ids = torch.tensor([[IMAGE_TOKEN_INDEX] * NUM_QUERY_TOKENS + [2]])
+        vision_s, vision = timed(lambda: model.vision_model(pixels).last_hidden_state, repeats)
+
+        def qformer():
+            return model.qformer(
+                query_embeds=model.query_tokens,
+                encoder_hidden_states=vision,
+                encoder_attention_mask=torch.ones(vision.shape[:-1], dtype=torch.long),
+            ).last_hidden_state
+
+        qformer_s, queries = timed(qformer, repeats)
         projected = model.language_projection(queries.to(dtype))
         embeds = model.get_input_embeddings()(input_ids)
         embeds[:, :NUM_QUERY_TOKENS] = projected
-        start = time.perf_counter()
-        model.language_model(inputs_embeds=embeds, use_cache=True)
-        prefill_s = time.perf_counter() - start
-
-        start = time.perf_counter()
-        model.generate(pixel_values=pixels, input_ids=input_ids, **settings)
-        generate_s = time.perf_counter() - start
-
-        start = time.perf_counter()
-        pixels = processor([Image.open(PHOTO)], return_tensors="pt")["pixel_values"].to(dtype)
-        model.generate(pixel_values=pixels, input_ids=input_ids, **settings)
-        total_s = time.perf_counter() - start
+        prefill_s, _ = timed(lambda: model.language_model(inputs_embeds=embeds, use_cache=True), repeats)
+        generate_s, _ = timed(lambda: model.generate(pixel_values=pixels, input_ids=input_ids, **settings), repeats)
+        total_s, _ = timed(lambda: model.generate(pixel_values=read_pixels(), input_ids=input_ids, **settings), repeats)
 
     decode = (generate_s - vision_s - qformer_s - prefill_s) / (tokens - 1)
     return dict(load_s=load_s, first_caption_s=first_caption_s, preprocess_s=preprocess_s, vision_s=vision_s, qformer_s=qformer_s,
@@ -215,6 +218,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, default=Path.home() / ".cache/blip2-bench/blip2-opt-2.7b-random")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3, help="times each stage runs; the median is reported")
     parser.add_argument("--modes", default="f32,f32-lowmem,bf16,f32-q8,f32-q4,bf16-q8,bf16-q4",
                         help="this project's runs: a dtype (f32, bf16, f16), optionally followed by -q8 or -q4 "
                              "(quantized language model) and -lowmem (--low-memory)")
@@ -223,7 +227,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.torch_worker:
-        print(json.dumps(torch_worker(args.checkpoint, args.torch_worker, args.tokens, args.threads)))
+        print(json.dumps(torch_worker(args.checkpoint, args.torch_worker, args.tokens, args.threads, args.repeats)))
         return
 
     if not (args.checkpoint / "model.safetensors.index.json").exists():
@@ -243,11 +247,12 @@ def main() -> None:
         warm_page_cache(args.checkpoint)
         results[f"torch {dtype}"] = run_json(
             [sys.executable, __file__, "--checkpoint", str(args.checkpoint), "--torch-worker", dtype,
-             "--tokens", str(args.tokens), "--threads", str(args.threads)], env)
+             "--tokens", str(args.tokens), "--threads", str(args.threads), "--repeats", str(args.repeats)], env)
     for mode in args.modes.split(","):
         print(f"blip2-rs {mode} ...", file=sys.stderr)
         dtype, *extras = mode.split("-")
-        command = [str(binary), str(args.checkpoint), str(PHOTO), "--dtype", dtype, "--tokens", str(args.tokens)]
+        command = [str(binary), str(args.checkpoint), str(PHOTO), "--dtype", dtype, "--tokens", str(args.tokens),
+                   "--repeats", str(args.repeats)]
         for extra in extras:
             if extra == "lowmem":
                 command += ["--low-memory"]

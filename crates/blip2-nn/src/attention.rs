@@ -31,7 +31,7 @@ pub fn scaled_dot_product_attention(
     }
 }
 
-/// The general path: scores, softmax and value product as tensor operations.
+/// Computes scores, softmax and value product with tensor operations: the general path.
 fn attention_by_tensor_ops(
     query: &Tensor,
     key: &Tensor,
@@ -84,7 +84,7 @@ mod tests {
     fn single_query_pass_matches_tensor_ops() {
         let device = Device::Cpu;
         let (batch, heads, allocated, head_dim) = (2, 3, 12, 20);
-        // Keys and values as a cache holds them: a prefix of a larger buffer.
+        // Keys and values are views into a larger buffer, as a cache returns them.
         let cache = Tensor::randn(0f32, 1.0, (batch, heads, allocated, head_dim), &device).unwrap();
         let query = Tensor::randn(0f32, 1.0, (batch, heads, 1, head_dim), &device).unwrap();
         let mut mask = vec![0f32; batch * 9];

@@ -42,8 +42,8 @@ impl Element for f16 {
     }
 }
 
-/// Where the `[batch, heads, positions, head_dim]` operand's rows start: the offset of
-/// element `(b, h, 0, 0)` and the step between positions.
+/// The row layout of a `[batch, heads, positions, head_dim]` operand: the offset of
+/// element `(b, h, 0, 0)` and the steps between batches, heads and positions.
 #[derive(Clone, Copy)]
 struct Rows {
     start: usize,
@@ -97,6 +97,7 @@ pub(crate) fn single_query_attention(
     if !applies {
         return Ok(None);
     }
+
     let mask = mask
         .map(|m| m.broadcast_as((batch, heads, 1, positions)))
         .transpose()?;
@@ -108,6 +109,7 @@ pub(crate) fn single_query_attention(
     else {
         return Ok(None);
     };
+
     let mask_guard = mask.as_ref().map(|m| m.storage_and_layout());
     let mask_view = match &mask_guard {
         Some((storage, layout)) => match (&**storage, layout.stride()) {
@@ -123,6 +125,7 @@ pub(crate) fn single_query_attention(
             values[start + b * sb + h * sh + j * sp]
         })
     };
+
     let shape = Shape4 {
         heads,
         head_dim,
@@ -170,7 +173,7 @@ struct Shape4 {
     scale: f32,
 }
 
-/// One task per `(row, head)`: scores, softmax and weighted values, all in `f32`.
+/// Runs one task per `(row, head)`: scores, softmax and weighted values, all in `f32`.
 fn attend<T: Element>(
     shape: Shape4,
     (q, k, v): (&[T], &[T], &[T]),

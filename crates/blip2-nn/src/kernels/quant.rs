@@ -527,7 +527,8 @@ impl QuantMatrix {
         let blocks = self.cols / BLOCK;
         let pairs = blocks / 2;
         assert!(row.is_multiple_of(GROUP_ROWS) && row + GROUP_ROWS <= self.rows);
-        assert!(outputs.len() == GROUP_ROWS && activations.codes.len() >= self.cols);
+        assert_eq!(outputs.len(), GROUP_ROWS);
+        assert!(activations.codes.len() >= self.cols);
         // SAFETY: the group lies inside the matrix, checked above.
         let (codes, scales) = unsafe {
             (
