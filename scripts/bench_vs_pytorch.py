@@ -18,7 +18,7 @@ and the ratio of each figure to PyTorch's at the same dtype (quantized modes aga
 bfloat16, its fastest). Quantized modes first run `blip2 quantize`, which saves the quantized
 layers next to the checkpoint (the run then loads that file) and prints the quality cost against
 float32 on the photos in images/. The machine's limits, read bandwidth and matrix-multiply rate
-measured here, head the table. The last lines show how close decoding and the vision encoder come
+measured here (medians of five passes), head the table. The last lines show how close decoding and the vision encoder come
 to them.
 """
 
@@ -197,19 +197,15 @@ def machine_limits(threads: int) -> dict:
     torch.set_num_threads(threads)
     data = torch.ones(256 * 1024 * 1024)
     data.sum()
-    start = time.perf_counter()
-    for _ in range(5):
-        data.sum()
-    bandwidth = data.numel() * 4 * 5 / (time.perf_counter() - start)
+    seconds, _ = timed(data.sum, 5)
+    bandwidth = data.numel() * 4 / seconds
     rates = {}
     for dtype in [torch.float32, torch.bfloat16]:
         a = torch.randn(1024, 2048).to(dtype)
         b = torch.randn(2048, 2048).to(dtype)
         a @ b
-        start = time.perf_counter()
-        for _ in range(5):
-            a @ b
-        rates[str(dtype).replace("torch.", "")] = 2 * 1024 * 2048 * 2048 * 5 / (time.perf_counter() - start)
+        seconds, _ = timed(lambda: a @ b, 5)
+        rates[str(dtype).replace("torch.", "")] = 2 * 1024 * 2048 * 2048 / seconds
     return dict(bandwidth=bandwidth, matmul=rates)
 
 

@@ -31,7 +31,7 @@ pub fn scaled_dot_product_attention(
     }
 }
 
-/// Computes scores, softmax and value product with tensor operations: the general path.
+/// Computes scores, softmax and value product with tensor operations (the general path).
 fn attention_by_tensor_ops(
     query: &Tensor,
     key: &Tensor,
@@ -81,7 +81,7 @@ mod tests {
     use candle_core::{Device, IndexOp};
 
     #[test]
-    fn single_query_pass_matches_tensor_ops() {
+    fn single_query_matches_tensor_ops() {
         let device = Device::Cpu;
         let (batch, heads, allocated, head_dim) = (2, 3, 12, 20);
         // Keys and values are views into a larger buffer, as a cache returns them.

@@ -494,7 +494,7 @@ mod tests {
     }
 
     #[test]
-    fn shared_input_products_match_single_ones() {
+    fn forward_many_matches_forward() {
         let device = Device::Cpu;
         let layer = |rows: usize, seed: u64| {
             let weight =
@@ -506,7 +506,7 @@ mod tests {
         first.quantize(QuantKind::Q8).unwrap();
         second.quantize(QuantKind::Q8).unwrap();
         let xs = Tensor::from_vec(values(3 * 64, 6, 1.0), (1, 3, 64), &device).unwrap();
-        // All quantized alike: one shared pass. With a dense layer: one at a time.
+        // Layers quantized alike share one pass. A dense layer among them makes each run alone.
         for layers in [vec![&first, &second], vec![&first, &dense, &second]] {
             let products = Linear::forward_many(&layers, &xs).unwrap();
             for (layer, product) in layers.iter().zip(&products) {

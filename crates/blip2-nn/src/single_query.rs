@@ -9,7 +9,7 @@ use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-/// A value type the kernel reads and writes; arithmetic is in `f32`.
+/// A value type the kernel reads and writes. Arithmetic is in `f32`.
 trait Element: Copy + Send + Sync {
     fn to_f32(self) -> f32;
     fn from_f32(value: f32) -> Self;
@@ -53,7 +53,7 @@ struct Rows {
 }
 
 impl Rows {
-    /// `None` unless each row of `head_dim` values is contiguous.
+    /// Reads the layout, or returns `None` when a row of `head_dim` values is not contiguous.
     fn of(layout: &Layout) -> Option<Self> {
         match layout.stride() {
             [batch, head, position, 1] => Some(Self {
@@ -126,7 +126,8 @@ pub(crate) fn single_query_attention(
         })
     };
 
-    let shape = Shape4 {
+    let shape = AttentionShape {
+        batch,
         heads,
         head_dim,
         positions,
@@ -137,36 +138,28 @@ pub(crate) fn single_query_attention(
     else {
         return Ok(None);
     };
-    let operands = (q_rows, k_rows, v_rows);
+    let rows = (q_rows, k_rows, v_rows);
+    let dims = (batch, heads, 1, head_dim);
+    let device = query.device();
     let out = match (q, k, v) {
         (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
-            CpuStorage::F32(attend(shape, (q, k, v), operands, batch, &mask_at))
+            Tensor::from_vec(attend(shape, (q, k, v), rows, &mask_at), dims, device)?
         }
         (CpuStorage::BF16(q), CpuStorage::BF16(k), CpuStorage::BF16(v)) => {
-            CpuStorage::BF16(attend(shape, (q, k, v), operands, batch, &mask_at))
+            Tensor::from_vec(attend(shape, (q, k, v), rows, &mask_at), dims, device)?
         }
         (CpuStorage::F16(q), CpuStorage::F16(k), CpuStorage::F16(v)) => {
-            CpuStorage::F16(attend(shape, (q, k, v), operands, batch, &mask_at))
+            Tensor::from_vec(attend(shape, (q, k, v), rows, &mask_at), dims, device)?
         }
         _ => return Ok(None),
     };
-    let out = match out {
-        CpuStorage::F32(values) => {
-            Tensor::from_vec(values, (batch, heads, 1, head_dim), query.device())
-        }
-        CpuStorage::BF16(values) => {
-            Tensor::from_vec(values, (batch, heads, 1, head_dim), query.device())
-        }
-        CpuStorage::F16(values) => {
-            Tensor::from_vec(values, (batch, heads, 1, head_dim), query.device())
-        }
-        _ => unreachable!("the kernel returns the dtype it read"),
-    }?;
     Ok(Some(out))
 }
 
+/// The sizes of one attention call and the factor applied to its scores.
 #[derive(Clone, Copy)]
-struct Shape4 {
+struct AttentionShape {
+    batch: usize,
     heads: usize,
     head_dim: usize,
     positions: usize,
@@ -175,13 +168,13 @@ struct Shape4 {
 
 /// Runs one task per `(row, head)`: scores, softmax and weighted values, all in `f32`.
 fn attend<T: Element>(
-    shape: Shape4,
+    shape: AttentionShape,
     (q, k, v): (&[T], &[T], &[T]),
     (q_rows, k_rows, v_rows): (Rows, Rows, Rows),
-    batch: usize,
     mask_at: &(dyn Fn(usize, usize, usize) -> f32 + Sync),
 ) -> Vec<T> {
-    let Shape4 {
+    let AttentionShape {
+        batch,
         heads,
         head_dim,
         positions,
@@ -225,7 +218,7 @@ fn attend<T: Element>(
     out
 }
 
-/// Dot product with eight partial sums, which the compiler turns into vector code.
+/// Computes a dot product with eight partial sums, which the compiler turns into vector code.
 fn dot<T: Element>(a: &[f32], b: &[T]) -> f32 {
     let mut sums = [0f32; 8];
     let (a_lanes, b_lanes) = (a.chunks_exact(8), b.chunks_exact(8));

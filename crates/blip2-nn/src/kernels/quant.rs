@@ -263,10 +263,10 @@ impl QuantMatrix {
         out.copy_from_slice(product);
     }
 
-    /// The products of several matrices of one kind and width with the same input `x`
-    /// `[inputs, cols]`, each `[inputs, rows]`. The input is quantized once and all the
-    /// matrices' rows are shared out among the threads together, which for a single input
-    /// row saves a dispatch per matrix.
+    /// Computes the products of several matrices of one kind and width with the same input
+    /// `x` `[inputs, cols]`, each `[inputs, rows]`. The input is quantized once, and the
+    /// threads share out all the matrices' rows together, so a single input row costs one
+    /// dispatch instead of one per matrix.
     pub fn matmul_many(matrices: &[&Self], x: &[f32], inputs: usize) -> Vec<Vec<f32>> {
         let Some(first) = matrices.first() else {
             return Vec::new();
@@ -334,7 +334,8 @@ impl QuantMatrix {
                     1
                 };
                 if tile_rows == GROUP_ROWS && inputs == 1 && self.kind == QuantKind::Q4 {
-                    // SAFETY: as below; the group's four rows exist.
+                    // SAFETY: the features were detected at run time, and the group's four
+                    // rows exist.
                     unsafe {
                         self.group_q4_single_vnni(first + r, activations, &mut outputs[r..r + 4])
                     };
@@ -511,8 +512,8 @@ impl QuantMatrix {
 }
 
 impl QuantMatrix {
-    /// Products of the four 4-bit rows of the group at `row` with a single input, the
-    /// decoding case. Two rows share each 64-byte load: low nibbles hold both rows' first
+    /// Computes the products of the four 4-bit rows of the group at `row` with a single
+    /// input, the decoding case. Two rows share each 64-byte load: low nibbles hold both rows' first
     /// block and high nibbles their second, so the input's blocks are broadcast to both
     /// halves instead of the codes being shuffled into row order.
     #[cfg(target_arch = "x86_64")]
@@ -526,9 +527,11 @@ impl QuantMatrix {
         use std::arch::x86_64::*;
         let blocks = self.cols / BLOCK;
         let pairs = blocks / 2;
-        assert!(row.is_multiple_of(GROUP_ROWS) && row + GROUP_ROWS <= self.rows);
+        assert!(row.is_multiple_of(GROUP_ROWS));
+        assert!(row + GROUP_ROWS <= self.rows);
         assert_eq!(outputs.len(), GROUP_ROWS);
         assert!(activations.codes.len() >= self.cols);
+
         // SAFETY: the group lies inside the matrix, checked above.
         let (codes, scales) = unsafe {
             (
@@ -541,6 +544,7 @@ impl QuantMatrix {
             activations.lane_corrections.as_ptr(),
             activations.scales.as_ptr(),
         );
+
         // A pair's eight weight scales are [row 0 block 0, row 0 block 1, row 1 block 0, …];
         // these pick one block of two rows, eight lanes each.
         let first_blocks = [
@@ -553,6 +557,7 @@ impl QuantMatrix {
         ];
         let low_nibbles = _mm512_set1_epi8(0x0F);
         let mut sums = [_mm512_setzero_ps(); 2];
+
         for p in 0..pairs {
             // SAFETY (all loads): p < pairs, inside the group's codes and scales and the
             // input's codes, corrections and scales.
@@ -593,9 +598,12 @@ impl QuantMatrix {
                 }
             }
         }
+
         let unpaired = blocks % 2 == 1;
         for (half, sum) in sums.iter().enumerate() {
-            let lanes: [f32; 16] = unsafe { std::mem::transmute(*sum) };
+            let mut lanes = [0f32; 16];
+            // SAFETY: `lanes` has room for the 16 values.
+            unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), *sum) };
             for i in 0..2 {
                 let r = row + 2 * half + i;
                 let mut total: f32 = lanes[8 * i..8 * i + 8].iter().sum();
@@ -860,7 +868,7 @@ mod tests {
     }
 
     #[test]
-    fn shared_products_equal_separate_ones() {
+    fn shared_products_match_separate_ones() {
         let cols = 160;
         let x = pseudo_random(2 * cols, 9);
         for kind in [QuantKind::Q8, QuantKind::Q4] {
