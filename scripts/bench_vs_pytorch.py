@@ -18,8 +18,8 @@ and the ratio of each figure to PyTorch's at the same dtype (quantized modes aga
 bfloat16, its fastest). Quantized modes first run `blip2 quantize`, which saves the quantized
 layers next to the checkpoint (the run then loads that file) and prints the quality cost against
 float32 on the photos in images/. The machine's limits, read bandwidth and matrix-multiply rate
-measured here (medians of five passes), head the table. The last lines show how close decoding and the vision encoder come
-to them.
+measured here (medians of five passes), head the table. The last lines show how close decoding
+and the vision encoder come to them.
 """
 
 import argparse
