@@ -41,6 +41,9 @@ impl Activation {
     /// Applies the activation element-wise.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
+            Self::GeluErf if xs.device().is_cpu() => {
+                xs.contiguous()?.apply_op1_no_bwd(&crate::gelu::GeluErf)
+            }
             Self::GeluErf => xs.gelu_erf(),
             Self::GeluTanh => xs.gelu(),
             Self::QuickGelu => xs * candle_nn::ops::sigmoid(&(xs * 1.702)?)?,
