@@ -34,6 +34,25 @@ pub struct PackedBf16 {
     data: Vec<u32>,
 }
 
+/// The output of a product, written by tasks that each own a band of columns.
+struct DisjointColumns<T>(*mut T);
+
+// SAFETY: tasks write disjoint ranges, so sharing the pointer among threads is sound.
+unsafe impl<T: Send> Send for DisjointColumns<T> {}
+unsafe impl<T: Send> Sync for DisjointColumns<T> {}
+
+impl<T> DisjointColumns<T> {
+    /// Returns `len` values from `start`.
+    ///
+    /// # Safety
+    /// The range must lie inside the output, and no other live slice may overlap it.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice(&self, start: usize, len: usize) -> &mut [T] {
+        // SAFETY: guaranteed by the caller.
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(start), len) }
+    }
+}
+
 fn pair(low: bf16, high: bf16) -> u32 {
     u32::from(low.to_bits()) | (u32::from(high.to_bits()) << 16)
 }
@@ -141,30 +160,29 @@ impl PackedBf16 {
         let tasks = panels.div_ceil(PANELS_PER_TASK);
         let use_simd = cpu_features().avx512_bf16;
 
-        // Each task writes a contiguous `[inputs, 32]` block; the blocks are gathered into
-        // rows afterwards.
-        let mut blocks = vec![0f32; tasks * inputs * TASK_WIDTH];
-        blocks
-            .par_chunks_mut((inputs * TASK_WIDTH).max(1))
-            .enumerate()
-            .for_each(|(task, block)| {
-                let first = task * PANELS_PER_TASK;
-                let count = PANELS_PER_TASK.min(panels - first);
-                let panel_len = self.pairs * PANEL;
-                let weights = &self.data[first * panel_len..(first + count) * panel_len];
-                self.task(weights, count, &activations, inputs, block, use_simd);
-            });
-
-        let mut out = vec![T::default(); inputs * self.rows];
-        out.par_chunks_mut(self.rows.max(1))
-            .enumerate()
-            .for_each(|(input, row)| {
-                for (n, value) in row.iter_mut().enumerate() {
-                    let (task, column) = (n / TASK_WIDTH, n % TASK_WIDTH);
-                    let sum = blocks[(task * inputs + input) * TASK_WIDTH + column];
-                    *value = convert(sum + bias.map_or(0.0, |b| b[n]));
+        let rows = self.rows;
+        let mut out = vec![T::default(); inputs * rows];
+        let columns = DisjointColumns(out.as_mut_ptr());
+        (0..tasks).into_par_iter().for_each(|task| {
+            let first = task * PANELS_PER_TASK;
+            let count = PANELS_PER_TASK.min(panels - first);
+            let panel_len = self.pairs * PANEL;
+            let weights = &self.data[first * panel_len..(first + count) * panel_len];
+            // The task's sums, `[inputs, 32]`, then its 32 columns of every output row.
+            let mut block = vec![0f32; inputs * TASK_WIDTH];
+            self.task(weights, count, &activations, inputs, &mut block, use_simd);
+            let first_column = task * TASK_WIDTH;
+            let width = TASK_WIDTH.min(rows - first_column);
+            let bias = bias.map(|b| &b[first_column..first_column + width]);
+            for (input, sums) in block.chunks_exact(TASK_WIDTH).enumerate() {
+                // SAFETY: the range lies inside `out`, and no other task writes these
+                // columns.
+                let values = unsafe { columns.slice(input * rows + first_column, width) };
+                for (i, (value, &sum)) in values.iter_mut().zip(sums).enumerate() {
+                    *value = convert(sum + bias.map_or(0.0, |b| b[i]));
                 }
-            });
+            }
+        });
         out
     }
 
