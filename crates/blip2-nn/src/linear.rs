@@ -344,12 +344,15 @@ impl Linear {
     pub fn forward_many(layers: &[&Linear], xs: &Tensor) -> Result<Vec<Tensor>> {
         let matrices: Option<Vec<&QuantMatrix>> =
             layers.iter().map(|layer| layer.quantized()).collect();
-        let shared = matrices.filter(|matrices| {
-            xs.device().is_cpu()
-                && xs.dims().last() == Some(&matrices.first().map_or(0, |m| m.cols()))
-                && matrices
-                    .iter()
-                    .all(|m| m.kind() == matrices[0].kind() && m.cols() == matrices[0].cols())
+        let shared = matrices.filter(|matrices| match matrices.first() {
+            Some(first) => {
+                xs.device().is_cpu()
+                    && xs.dims().last() == Some(&first.cols())
+                    && matrices
+                        .iter()
+                        .all(|m| m.kind() == first.kind() && m.cols() == first.cols())
+            }
+            None => false,
         });
         let Some(matrices) = shared else {
             return layers.iter().map(|layer| layer.forward(xs)).collect();
@@ -515,5 +518,6 @@ mod tests {
                 assert_eq!(max_abs_difference(product, &alone), 0.0);
             }
         }
+        assert!(Linear::forward_many(&[], &xs).unwrap().is_empty());
     }
 }
