@@ -10,6 +10,7 @@
 mod activation;
 mod attention;
 mod config_error;
+pub mod convert;
 mod gelu;
 pub mod kernels;
 mod layer_norm;

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, DType, Module, Result, Storage, Tensor};
 use half::bf16;
 
+use crate::convert::{bf16_values, f32_values, tensor_from_f32};
 use crate::kernels::packed_bf16::PackedBf16;
 use crate::kernels::quant::{QuantKind, QuantMatrix};
 use crate::weights::{MappedMatrix, Weights};
@@ -267,8 +268,7 @@ impl Linear {
         if let Weight::PackedBf16(matrix) = &self.weight {
             return self.forward_packed(matrix, xs, rows, shape).map(Some);
         }
-        let inputs =
-            || -> Result<Vec<f32>> { xs.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>() };
+        let inputs = || f32_values(xs);
         let mut out = vec![0f32; rows * self.out_features];
         match &self.weight {
             Weight::Quantized(matrix) => matrix.matmul(&inputs()?, rows, &mut out),
@@ -334,7 +334,7 @@ impl Linear {
                 }
             }
         }
-        Tensor::from_vec(out, shape, xs.device())?.to_dtype(xs.dtype())
+        tensor_from_f32(out, shape, xs.dtype(), xs.device())
     }
 
     /// Applies several layers to the same input, as attention does with its query, key
@@ -358,7 +358,7 @@ impl Linear {
             return layers.iter().map(|layer| layer.forward(xs)).collect();
         };
         let rows = xs.elem_count() / matrices[0].cols().max(1);
-        let inputs = xs.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let inputs = f32_values(xs)?;
         let products = QuantMatrix::matmul_many(&matrices, &inputs, rows);
         layers
             .iter()
@@ -392,17 +392,19 @@ impl Linear {
         rows: usize,
         shape: Vec<usize>,
     ) -> Result<Tensor> {
-        let inputs = xs.to_dtype(DType::BF16)?.flatten_all()?.to_vec1::<bf16>()?;
+        let inputs = bf16_values(xs)?;
         let bias = self.bias_values()?;
         let bias = bias.as_deref();
         match xs.dtype() {
             DType::BF16 => {
-                let out = matrix.matmul(&inputs, rows, bias, bf16::from_f32);
+                let out = matrix.matmul(&inputs, rows, bias, |v| {
+                    bf16::from_bits(crate::kernels::round_to_bf16(v))
+                });
                 Tensor::from_vec(out, shape, xs.device())
             }
             dtype => {
                 let out = matrix.matmul(&inputs, rows, bias, |v| v);
-                Tensor::from_vec(out, shape, xs.device())?.to_dtype(dtype)
+                tensor_from_f32(out, shape, dtype, xs.device())
             }
         }
     }

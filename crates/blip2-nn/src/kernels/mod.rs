@@ -17,6 +17,8 @@ pub mod bf16;
 pub mod packed_bf16;
 pub mod quant;
 
+pub(crate) use packed_bf16::round_to_bf16;
+
 use rayon::prelude::*;
 
 /// What the processor offers the kernels, detected once.

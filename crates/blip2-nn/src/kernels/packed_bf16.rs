@@ -243,7 +243,7 @@ impl PackedBf16 {
 
 /// `f32` to bfloat16 bits, rounding to nearest even as `half::bf16::from_f32` does,
 /// written without branches on the value so that the compiler vectorises it.
-fn round_to_bf16(value: f32) -> u16 {
+pub(crate) fn round_to_bf16(value: f32) -> u16 {
     let bits = value.to_bits();
     // Wrapping: only NaN patterns can overflow, and their result is not used.
     let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16;

@@ -16,6 +16,9 @@
 //! (see [`slot`]): a kernel tile of four rows then reads one stream instead of four,
 //! which the hardware prefetcher follows at full bandwidth. Files keep plain row order.
 
+mod widened;
+
+use half::bf16;
 use rayon::prelude::*;
 
 use super::{CpuFeatures, cpu_features};
@@ -277,8 +280,12 @@ impl QuantMatrix {
             "matrices must share their kind and width"
         );
         assert_eq!(x.len(), inputs * cols, "inputs must be inputs × cols");
-        let activations = QuantizedActivations::new(x, inputs, cols, kind.offset());
         let features = cpu_features();
+        let activations = if features.avx512_bf16 && inputs >= widened::MIN_INPUTS {
+            Activations::Bf16(crate::convert::to_bf16(x))
+        } else {
+            Activations::Int8(QuantizedActivations::new(x, inputs, cols, kind.offset()))
+        };
         // Each task fills its rows' outputs, `[rows of the task, inputs]`.
         let mut transposed: Vec<Vec<f32>> = matrices
             .iter()
@@ -293,9 +300,14 @@ impl QuantMatrix {
                 tasks.push((*matrix, task * super::ROWS_PER_TASK, block));
             }
         }
-        tasks.into_par_iter().for_each(|(matrix, first, block)| {
-            matrix.rows_products(first, &activations, block, inputs, features);
-        });
+        tasks
+            .into_par_iter()
+            .for_each(|(matrix, first, block)| match &activations {
+                Activations::Int8(codes) => {
+                    matrix.rows_products(first, codes, block, inputs, features)
+                }
+                Activations::Bf16(x) => matrix.rows_products_widened(first, x, block, inputs, true),
+            });
         matrices
             .iter()
             .zip(transposed)
@@ -728,6 +740,14 @@ unsafe fn unpack_pair_avx512(pointer: *const u8) -> std::arch::x86_64::__m512i {
     _mm512_and_si512(both, _mm512_set1_epi8(0x0F))
 }
 
+/// The input of a product, prepared once for all its tasks.
+enum Activations {
+    /// For the 8-bit kernels.
+    Int8(QuantizedActivations),
+    /// For weights widened to bfloat16 (see [`widened`]).
+    Bf16(Vec<bf16>),
+}
+
 /// Activations quantized to 8-bit codes per block of 32, with block sums of the codes,
 /// per group of four codes (one `vpdpbusd` lane) `-offset ×` their sum, and per pair of
 /// blocks the 16 lane scales (8 copies of each block's scale).
@@ -852,13 +872,17 @@ mod tests {
                         "{kind:?} {rows}x{cols} output {i}: {a} vs {b}"
                     );
                 }
+                // The 8-bit kernels for this CPU against their portable version (`matmul`
+                // may have widened the weights instead).
                 let activations = QuantizedActivations::new(&x, inputs, cols, kind.offset());
+                let mut int8 = vec![0f32; rows * inputs];
+                q.rows_products(0, &activations, &mut int8, inputs, cpu_features());
                 for r in 0..rows {
                     let mut portable = vec![0f32; inputs];
                     q.row_products_portable(r, &activations, &mut portable);
                     for m in 0..inputs {
                         assert!(
-                            (portable[m] - out[m * rows + r]).abs() < 1e-3,
+                            (portable[m] - int8[r * inputs + m]).abs() < 1e-3,
                             "{kind:?} row {r} input {m}: portable and chosen kernels differ"
                         );
                     }

@@ -1,0 +1,93 @@
+//! Conversions between tensors and the `f32` or bfloat16 values the CPU kernels read
+//! and write.
+//!
+//! They run here in plain loops rather than as tensor operations, so that they stay off
+//! candle's second thread pool (see [`crate::elementwise`]).
+
+use candle_core::{DType, Device, Result, Tensor};
+use half::{bf16, f16};
+
+use crate::kernels::round_to_bf16;
+
+/// Returns the values of `xs` in row-major order, as `f32`.
+pub fn f32_values(xs: &Tensor) -> Result<Vec<f32>> {
+    let xs = xs.flatten_all()?;
+    match xs.dtype() {
+        DType::F32 => xs.to_vec1::<f32>(),
+        DType::BF16 => Ok(xs.to_vec1::<bf16>()?.iter().map(|v| v.to_f32()).collect()),
+        DType::F16 => Ok(xs.to_vec1::<f16>()?.iter().map(|v| v.to_f32()).collect()),
+        _ => xs.to_dtype(DType::F32)?.to_vec1::<f32>(),
+    }
+}
+
+/// Returns the values of `xs` in row-major order, rounded to bfloat16.
+pub fn bf16_values(xs: &Tensor) -> Result<Vec<bf16>> {
+    if xs.dtype() == DType::BF16 {
+        return xs.flatten_all()?.to_vec1::<bf16>();
+    }
+    Ok(to_bf16(&f32_values(xs)?))
+}
+
+/// Builds a tensor of `shape` and `dtype` on `device` from `values`.
+pub fn tensor_from_f32(
+    values: Vec<f32>,
+    shape: Vec<usize>,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    match dtype {
+        DType::F32 => Tensor::from_vec(values, shape, device),
+        DType::BF16 => Tensor::from_vec(to_bf16(&values), shape, device),
+        DType::F16 => Tensor::from_vec(
+            values.iter().map(|&v| f16::from_f32(v)).collect::<Vec<_>>(),
+            shape,
+            device,
+        ),
+        _ => Tensor::from_vec(values, shape, device)?.to_dtype(dtype),
+    }
+}
+
+/// Rounds `values` to bfloat16, to nearest even as `bf16::from_f32` does, in a loop the
+/// compiler vectorises.
+pub fn to_bf16(values: &[f32]) -> Vec<bf16> {
+    values
+        .iter()
+        .map(|&v| bf16::from_bits(round_to_bf16(v)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conversions_match_tensor_operations() -> Result<()> {
+        let values: Vec<f32> = (0..300).map(|i| (i as f32 - 150.0) * 0.377).collect();
+        let xs = Tensor::from_vec(values.clone(), (3, 100), &Device::Cpu)?;
+        // A transposed view is read in row-major order of its own shape.
+        let view = xs.t()?;
+        assert_eq!(f32_values(&view)?, view.flatten_all()?.to_vec1::<f32>()?);
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let expected = xs.to_dtype(dtype)?;
+            let ours = tensor_from_f32(values.clone(), vec![3, 100], dtype, &Device::Cpu)?;
+            assert_eq!(ours.dtype(), dtype);
+            let difference = (ours.to_dtype(DType::F32)? - expected.to_dtype(DType::F32)?)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?;
+            assert_eq!(difference, 0.0, "{dtype:?}");
+            assert_eq!(
+                f32_values(&expected)?,
+                expected
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?
+            );
+        }
+        assert_eq!(
+            bf16_values(&xs)?,
+            xs.to_dtype(DType::BF16)?.flatten_all()?.to_vec1::<bf16>()?
+        );
+        Ok(())
+    }
+}
