@@ -1,5 +1,6 @@
 //! Meta's OPT decoder (`OPTForCausalLM` in transformers).
 
+use blip2_nn::elementwise::add;
 use blip2_nn::{
     Activation, LayerNorm, Linear, additive_mask_value, linear_no_bias,
     scaled_dot_product_attention,
@@ -106,7 +107,7 @@ impl DecoderLayer {
         } else {
             xs.clone()
         };
-        let mut xs = (self.self_attn.forward(&attention_input, mask, cache)? + xs)?;
+        let mut xs = add(&self.self_attn.forward(&attention_input, mask, cache)?, xs)?;
         if !self.layer_norm_before {
             xs = self.self_attn_layer_norm.forward(&xs)?;
         }
@@ -119,7 +120,7 @@ impl DecoderLayer {
         let ffn_out = self
             .fc2
             .forward(&self.activation.forward(&self.fc1.forward(&ffn_input)?)?)?;
-        let mut xs = (ffn_out + xs)?;
+        let mut xs = add(&ffn_out, &xs)?;
         if !self.layer_norm_before {
             xs = self.final_layer_norm.forward(&xs)?;
         }

@@ -49,9 +49,9 @@ pub fn relative_position_bucket(
 /// Adds two residual-stream tensors with PyTorch's type promotion: mixed dtypes meet in `f32`.
 fn residual_add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     if a.dtype() == b.dtype() {
-        a + b
+        blip2_nn::elementwise::add(a, b)
     } else {
-        a.to_dtype(DType::F32)? + b.to_dtype(DType::F32)?
+        blip2_nn::elementwise::add(&a.to_dtype(DType::F32)?, &b.to_dtype(DType::F32)?)
     }
 }
 

@@ -47,7 +47,7 @@ impl Activation {
             Self::GeluErf => xs.gelu_erf(),
             Self::GeluTanh => xs.gelu(),
             Self::QuickGelu => xs * candle_nn::ops::sigmoid(&(xs * 1.702)?)?,
-            Self::Relu => xs.relu(),
+            Self::Relu => crate::elementwise::relu(xs),
             Self::Silu => xs.silu(),
         }
     }

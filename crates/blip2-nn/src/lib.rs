@@ -11,6 +11,7 @@ mod activation;
 mod attention;
 mod config_error;
 pub mod convert;
+pub mod elementwise;
 mod gelu;
 pub mod kernels;
 mod layer_norm;

@@ -1,4 +1,5 @@
 use blip2_nn::Weights;
+use blip2_nn::elementwise::add;
 use blip2_nn::{
     Activation, LayerNorm, Linear, linear, linear_with_bias, scaled_dot_product_attention,
 };
@@ -186,11 +187,11 @@ impl EncoderLayer {
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let attended = self.self_attn.forward(&self.layer_norm1.forward(xs)?)?;
-        let xs = (attended + xs)?;
+        let xs = add(&attended, xs)?;
 
         let hidden = self.fc1.forward(&self.layer_norm2.forward(&xs)?)?;
         let mlp_out = self.fc2.forward(&self.activation.forward(&hidden)?)?;
-        mlp_out + xs
+        add(&mlp_out, &xs)
     }
 }
 
