@@ -17,7 +17,8 @@ pub fn additive_mask_value() -> f32 {
 /// `[batch, heads, q_len, kv_len]`. Scores and softmax are computed in `f32` whatever
 /// the input dtype; the result has the dtype of `value`, shape `[batch, heads, q_len,
 /// head_dim]`. A single query on the CPU (a decoding step) takes one fused pass that
-/// also keeps the products in `f32`.
+/// also keeps the products in `f32`. Many bfloat16 queries without a mask on a CPU with
+/// AVX-512 BF16 (the vision encoder) take the packed bfloat16 kernel head by head.
 pub fn scaled_dot_product_attention(
     query: &Tensor,
     key: &Tensor,
@@ -25,10 +26,17 @@ pub fn scaled_dot_product_attention(
     mask: Option<&Tensor>,
     scale: f64,
 ) -> Result<Tensor> {
-    match crate::single_query::single_query_attention(query, key, value, mask, scale)? {
-        Some(attended) => Ok(attended),
-        None => attention_by_tensor_ops(query, key, value, mask, scale),
+    if let Some(attended) =
+        crate::single_query::single_query_attention(query, key, value, mask, scale)?
+    {
+        return Ok(attended);
     }
+    if let Some(attended) =
+        crate::packed_attention::packed_attention(query, key, value, mask, scale)?
+    {
+        return Ok(attended);
+    }
+    attention_by_tensor_ops(query, key, value, mask, scale)
 }
 
 /// Computes scores, softmax and value product with tensor operations (the general path).
@@ -79,6 +87,45 @@ mod tests {
     use super::*;
     use crate::kernels::tests::max_abs_difference;
     use candle_core::{Device, IndexOp};
+
+    #[test]
+    fn packed_attention_matches_f32_tensor_ops() {
+        if !crate::kernels::cpu_features().avx512_bf16 {
+            return;
+        }
+        let device = Device::Cpu;
+        // An odd number of keys and a head size that is not a multiple of 32.
+        let (batch, heads, positions, head_dim) = (2, 3, 37, 24);
+        let shape = (batch, heads, positions, head_dim);
+        let [query, key, value] = [0, 1, 2].map(|_| {
+            Tensor::randn(0f32, 1.0, shape, &device)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap()
+        });
+        let packed = crate::packed_attention::packed_attention(&query, &key, &value, None, 0.2)
+            .unwrap()
+            .expect("the packed path applies");
+        assert_eq!(packed.dims(), &[batch, heads, positions, head_dim]);
+        assert_eq!(packed.dtype(), DType::BF16);
+        let [query, key, value] = [query, key, value].map(|t| t.to_dtype(DType::F32).unwrap());
+        let expected = attention_by_tensor_ops(&query, &key, &value, None, 0.2).unwrap();
+        let difference = max_abs_difference(&packed.to_dtype(DType::F32).unwrap(), &expected);
+        // Rounding the weights and the output to bfloat16.
+        assert!(difference < 2e-2, "difference {difference}");
+        // A mask or few queries leave it to the other paths.
+        let mask = Tensor::zeros((1, 1, positions, positions), DType::F32, &device).unwrap();
+        let bf16 = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
+        let (query, key, value) = (bf16(&query), bf16(&key), bf16(&value));
+        for (query, mask) in [
+            (&query, Some(&mask)),
+            (&query.narrow(2, 0, 3).unwrap(), None),
+        ] {
+            let result =
+                crate::packed_attention::packed_attention(query, &key, &value, mask, 0.2).unwrap();
+            assert!(result.is_none());
+        }
+    }
 
     #[test]
     fn single_query_matches_tensor_ops() {

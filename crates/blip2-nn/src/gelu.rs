@@ -86,7 +86,7 @@ fn erf(x: f32) -> f32 {
 /// `x = n·ln 2 + r` with `|r| ≤ ln 2 / 2`. The integer `n` becomes the exponent bits of
 /// `2ⁿ`, and `eʳ` comes from the Cephes polynomial for `expf`. Inputs below -87 give
 /// `e⁻⁸⁷`, which stays a normal number and is below anything the callers can see.
-fn exp_negative(x: f32) -> f32 {
+pub(crate) fn exp_negative(x: f32) -> f32 {
     // Adding 1.5 · 2²³ rounds to an integer and leaves it in the low mantissa bits.
     const ROUNDING: f32 = 12_582_912.0;
     const LN2_HIGH: f32 = 0.693_359_4;

@@ -16,6 +16,7 @@ mod gelu;
 pub mod kernels;
 mod layer_norm;
 mod linear;
+mod packed_attention;
 mod single_query;
 mod weights;
 
