@@ -49,6 +49,13 @@ fn zip_map<T: Copy + Default + Send + Sync>(
     f: impl Fn(T, T) -> T + Sync,
 ) -> Vec<T> {
     let mut out = vec![T::default(); a.len()];
+    if a.len() <= CHUNK {
+        // One chunk, as in a decoding step: handing it to rayon would cost more than the sum.
+        for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
+            *o = f(x, y);
+        }
+        return out;
+    }
     out.par_chunks_mut(CHUNK)
         .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
         .for_each(|(out, (a, b))| {
@@ -62,6 +69,12 @@ fn zip_map<T: Copy + Default + Send + Sync>(
 /// Applies `f` to each element, chunk by chunk on rayon's threads.
 fn map<T: Copy + Default + Send + Sync>(a: &[T], f: impl Fn(T) -> T + Sync) -> Vec<T> {
     let mut out = vec![T::default(); a.len()];
+    if a.len() <= CHUNK {
+        for (o, &x) in out.iter_mut().zip(a) {
+            *o = f(x);
+        }
+        return out;
+    }
     out.par_chunks_mut(CHUNK)
         .zip(a.par_chunks(CHUNK))
         .for_each(|(out, a)| {
