@@ -18,6 +18,20 @@ fn load(name: &str, options: LoadOptions) -> Blip2 {
     Blip2::from_dir(&model_dir(name), &options).unwrap()
 }
 
+/// Returns the error of loading checkpoint `name` with the quantized layers in `file`.
+fn load_error(name: &str, file: std::path::PathBuf) -> String {
+    match Blip2::from_dir(
+        &model_dir(name),
+        &LoadOptions {
+            quantized_weights: Some(file),
+            ..Default::default()
+        },
+    ) {
+        Ok(_) => panic!("{name} loaded with a file it should reject"),
+        Err(error) => error.to_string(),
+    }
+}
+
 fn quantized(kind: QuantKind) -> LoadOptions {
     LoadOptions {
         quantize: Some(kind),
@@ -60,16 +74,7 @@ fn saved_layers_load_back_to_the_same_model() {
             } else {
                 "opt-tiny"
             };
-            let error = Blip2::from_dir(
-                &model_dir(other),
-                &LoadOptions {
-                    quantized_weights: Some(file.clone()),
-                    ..Default::default()
-                },
-            )
-            .err()
-            .unwrap()
-            .to_string();
+            let error = load_error(other, file.clone());
             assert!(
                 error.contains(&file.display().to_string()) && error.contains("this checkpoint"),
                 "{other} reading {name}'s layers: {error}"
@@ -81,16 +86,7 @@ fn saved_layers_load_back_to_the_same_model() {
 #[test]
 fn files_that_are_not_quantized_layers_are_refused() {
     let weights = model_dir("opt-tiny").join("model.safetensors");
-    let error = Blip2::from_dir(
-        &model_dir("opt-tiny"),
-        &LoadOptions {
-            quantized_weights: Some(weights),
-            ..Default::default()
-        },
-    )
-    .err()
-    .unwrap()
-    .to_string();
+    let error = load_error("opt-tiny", weights);
     assert!(error.contains("not a file of quantized layers"), "{error}");
 
     let both = LoadOptions {
@@ -156,16 +152,7 @@ fn non_finite_scales_are_rejected() {
     let bad = dir.path().join("bad.safetensors");
     safetensors::serialize_to_file(views, header.metadata().clone(), &bad).unwrap();
 
-    let error = Blip2::from_dir(
-        &model_dir("opt-tiny"),
-        &LoadOptions {
-            quantized_weights: Some(bad),
-            ..Default::default()
-        },
-    )
-    .err()
-    .unwrap()
-    .to_string();
+    let error = load_error("opt-tiny", bad);
     assert!(error.contains(&name), "{error}");
     assert!(error.contains("finite"), "{error}");
 }

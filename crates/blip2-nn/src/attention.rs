@@ -103,16 +103,19 @@ mod tests {
                 .to_dtype(DType::BF16)
                 .unwrap()
         });
+
         let packed = crate::packed_attention::packed_attention(&query, &key, &value, None, 0.2)
             .unwrap()
             .expect("the packed path applies");
         assert_eq!(packed.dims(), &[batch, heads, positions, head_dim]);
         assert_eq!(packed.dtype(), DType::BF16);
+
         let [query, key, value] = [query, key, value].map(|t| t.to_dtype(DType::F32).unwrap());
         let expected = attention_by_tensor_ops(&query, &key, &value, None, 0.2).unwrap();
         let difference = max_abs_difference(&packed.to_dtype(DType::F32).unwrap(), &expected);
         // Rounding the weights and the output to bfloat16.
         assert!(difference < 2e-2, "difference {difference}");
+
         // A mask or few queries leave it to the other paths.
         let mask = Tensor::zeros((1, 1, positions, positions), DType::F32, &device).unwrap();
         let bf16 = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();

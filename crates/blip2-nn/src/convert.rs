@@ -1,13 +1,49 @@
 //! Conversions between tensors and the `f32` or bfloat16 values the CPU kernels read
 //! and write.
 //!
-//! They run here in plain loops rather than as tensor operations, so that they stay off
-//! candle's second thread pool (see [`crate::elementwise`]).
+//! They run in plain loops on the calling thread, and round to bfloat16 without branches
+//! so that the compiler vectorises the loop.
 
 use candle_core::{DType, Device, Result, Tensor};
 use half::{bf16, f16};
 
 use crate::kernels::round_to_bf16;
+
+/// A value type of the CPU kernels, whose arithmetic is in `f32`.
+pub(crate) trait Element: Copy + Default + Send + Sync {
+    /// Widens the value to `f32`, exactly.
+    fn to_f32(self) -> f32;
+    /// Rounds to nearest even, as `half`'s `from_f32` does.
+    fn from_f32(value: f32) -> Self;
+}
+
+impl Element for f32 {
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn from_f32(value: f32) -> Self {
+        value
+    }
+}
+
+impl Element for bf16 {
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+    /// Unlike `bf16::from_f32`, this compiles to vector code in loops.
+    fn from_f32(value: f32) -> Self {
+        bf16::from_bits(round_to_bf16(value))
+    }
+}
+
+impl Element for f16 {
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    fn from_f32(value: f32) -> Self {
+        f16::from_f32(value)
+    }
+}
 
 /// Returns the values of `xs` in row-major order, as `f32`.
 pub fn f32_values(xs: &Tensor) -> Result<Vec<f32>> {
@@ -39,7 +75,10 @@ pub fn tensor_from_f32(
         DType::F32 => Tensor::from_vec(values, shape, device),
         DType::BF16 => Tensor::from_vec(to_bf16(&values), shape, device),
         DType::F16 => Tensor::from_vec(
-            values.iter().map(|&v| f16::from_f32(v)).collect::<Vec<_>>(),
+            values
+                .iter()
+                .map(|&v| Element::from_f32(v))
+                .collect::<Vec<f16>>(),
             shape,
             device,
         ),
@@ -50,10 +89,7 @@ pub fn tensor_from_f32(
 /// Rounds `values` to bfloat16, to nearest even as `bf16::from_f32` does, in a loop the
 /// compiler vectorises.
 pub fn to_bf16(values: &[f32]) -> Vec<bf16> {
-    values
-        .iter()
-        .map(|&v| bf16::from_bits(round_to_bf16(v)))
-        .collect()
+    values.iter().map(|&v| Element::from_f32(v)).collect()
 }
 
 #[cfg(test)]

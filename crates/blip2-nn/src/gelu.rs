@@ -7,8 +7,9 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape};
-use half::{bf16, f16};
 use rayon::prelude::*;
+
+use crate::convert::Element;
 
 /// Elements converted to `f32` and processed together.
 const CHUNK: usize = 4096;
@@ -26,34 +27,26 @@ impl CustomOp1 for GeluErf {
             .contiguous_offsets()
             .ok_or_else(|| candle_core::Error::Msg("GELU input must be contiguous".into()))?;
         let storage = match storage {
-            CpuStorage::F32(v) => CpuStorage::F32(apply(&v[start..end], |x| x, |x| x)),
-            CpuStorage::F16(v) => {
-                CpuStorage::F16(apply(&v[start..end], f16::to_f32, f16::from_f32))
-            }
-            CpuStorage::BF16(v) => {
-                CpuStorage::BF16(apply(&v[start..end], bf16::to_f32, bf16::from_f32))
-            }
+            CpuStorage::F32(v) => CpuStorage::F32(apply(&v[start..end])),
+            CpuStorage::F16(v) => CpuStorage::F16(apply(&v[start..end])),
+            CpuStorage::BF16(v) => CpuStorage::BF16(apply(&v[start..end])),
             other => candle_core::bail!("GELU does not support dtype {:?}", other.dtype()),
         };
         Ok((storage, layout.shape().clone()))
     }
 }
 
-fn apply<T: Copy + Default + Send + Sync>(
-    src: &[T],
-    to_f32: impl Fn(T) -> f32 + Sync,
-    from_f32: impl Fn(f32) -> T + Sync,
-) -> Vec<T> {
+fn apply<T: Element>(src: &[T]) -> Vec<T> {
     let mut dst = vec![T::default(); src.len()];
     src.par_chunks(CHUNK)
         .zip(dst.par_chunks_mut(CHUNK))
         .for_each(|(input, output)| {
-            let mut values: Vec<f32> = input.iter().map(|&v| to_f32(v)).collect();
+            let mut values: Vec<f32> = input.iter().map(|&v| v.to_f32()).collect();
             for value in &mut values {
                 *value = gelu(*value);
             }
             for (o, &v) in output.iter_mut().zip(&values) {
-                *o = from_f32(v);
+                *o = T::from_f32(v);
             }
         });
     dst

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, DType, Module, Result, Storage, Tensor};
 use half::bf16;
 
-use crate::convert::{bf16_values, f32_values, tensor_from_f32};
+use crate::convert::{Element, bf16_values, f32_values, tensor_from_f32};
 use crate::kernels::packed_bf16::PackedBf16;
 use crate::kernels::quant::{QuantKind, QuantMatrix};
 use crate::weights::{MappedMatrix, Weights};
@@ -397,9 +397,7 @@ impl Linear {
         let bias = bias.as_deref();
         match xs.dtype() {
             DType::BF16 => {
-                let out = matrix.matmul(&inputs, rows, bias, |v| {
-                    bf16::from_bits(crate::kernels::round_to_bf16(v))
-                });
+                let out = matrix.matmul(&inputs, rows, bias, <bf16 as Element>::from_f32);
                 Tensor::from_vec(out, shape, xs.device())
             }
             dtype => {

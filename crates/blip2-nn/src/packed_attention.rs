@@ -12,9 +12,10 @@ use candle_core::{DType, Result, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
+use crate::convert::Element;
 use crate::convert::bf16_values;
+use crate::kernels::cpu_features;
 use crate::kernels::packed_bf16::PackedBf16;
-use crate::kernels::{cpu_features, round_to_bf16};
 
 /// Queries from which the packed path pays for packing each head's keys and values.
 const MIN_QUERIES: usize = 16;
@@ -36,11 +37,14 @@ pub(crate) fn packed_attention(
     if !applies {
         return Ok(None);
     }
-    let (Ok((batch, heads, queries, head_dim)), Ok(key_dims)) = (query.dims4(), key.dims4()) else {
+    // Other shapes go to the tensor operations, whose errors name the mismatch.
+    let (Ok((batch, heads, queries, head_dim)), Ok(key_dims), Ok(value_dims)) =
+        (query.dims4(), key.dims4(), value.dims4())
+    else {
         return Ok(None);
     };
     let keys = key_dims.2;
-    if key_dims != (batch, heads, keys, head_dim) || value.dims4()? != key_dims {
+    if key_dims != (batch, heads, keys, head_dim) || value_dims != key_dims {
         return Ok(None);
     }
     if queries < MIN_QUERIES || keys == 0 || head_dim == 0 {
@@ -88,10 +92,12 @@ fn attend(
             transposed[c * keys + j] = value;
         }
     }
-    let attended =
-        PackedBf16::from_bf16(&transposed, head_dim, keys)?.matmul(&weights, queries, None, |x| {
-            bf16::from_bits(round_to_bf16(x))
-        });
+    let attended = PackedBf16::from_bf16(&transposed, head_dim, keys)?.matmul(
+        &weights,
+        queries,
+        None,
+        <bf16 as Element>::from_f32,
+    );
     out.copy_from_slice(&attended);
     Ok(())
 }
@@ -105,6 +111,6 @@ fn softmax_row(scores: &[f32], weights: &mut [bf16]) {
         .collect();
     let inverse = 1.0 / exponentials.iter().sum::<f32>();
     for (weight, e) in weights.iter_mut().zip(exponentials) {
-        *weight = bf16::from_bits(round_to_bf16(e * inverse));
+        *weight = Element::from_f32(e * inverse);
     }
 }

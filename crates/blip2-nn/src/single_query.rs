@@ -6,41 +6,9 @@
 //! its keys and values in place, wherever they sit in the cache.
 
 use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor};
-use half::{bf16, f16};
 use rayon::prelude::*;
 
-/// A value type the kernel reads and writes. Arithmetic is in `f32`.
-trait Element: Copy + Send + Sync {
-    fn to_f32(self) -> f32;
-    fn from_f32(value: f32) -> Self;
-}
-
-impl Element for f32 {
-    fn to_f32(self) -> f32 {
-        self
-    }
-    fn from_f32(value: f32) -> Self {
-        value
-    }
-}
-
-impl Element for bf16 {
-    fn to_f32(self) -> f32 {
-        bf16::to_f32(self)
-    }
-    fn from_f32(value: f32) -> Self {
-        bf16::from_f32(value)
-    }
-}
-
-impl Element for f16 {
-    fn to_f32(self) -> f32 {
-        f16::to_f32(self)
-    }
-    fn from_f32(value: f32) -> Self {
-        f16::from_f32(value)
-    }
-}
+use crate::convert::Element;
 
 /// The row layout of a `[batch, heads, positions, head_dim]` operand: the offset of
 /// element `(b, h, 0, 0)` and the steps between batches, heads and positions.

@@ -306,7 +306,9 @@ impl QuantMatrix {
                 Activations::Int8(codes) => {
                     matrix.rows_products(first, codes, block, inputs, features)
                 }
-                Activations::Bf16(x) => matrix.rows_products_widened(first, x, block, inputs, true),
+                Activations::Bf16(x) => {
+                    matrix.rows_products_widened(first, x, block, inputs, features.avx512_bf16)
+                }
             });
         matrices
             .iter()

@@ -14,7 +14,7 @@ use super::{BLOCK, GROUP_ROWS, QuantKind, QuantMatrix};
 pub(super) const MIN_INPUTS: usize = 8;
 
 impl QuantMatrix {
-    /// Products of rows `first..` (a group's first row) with every input row of `x`
+    /// Computes the products of rows `first..` (a group's first row) with every input row of `x`
     /// `[inputs, cols]`, into `outputs` `[rows, inputs]`.
     pub(super) fn rows_products_widened(
         &self,
@@ -31,13 +31,13 @@ impl QuantMatrix {
         let mut r = 0;
         while r < count {
             let group_rows = GROUP_ROWS.min(self.rows - (first + r));
-            assert!(r + group_rows <= count, "tasks hold whole groups");
+            assert!(r + group_rows <= count, "tasks contain whole groups");
             self.widen_group(first + r, &mut weights, use_simd);
             let group_outputs = &mut outputs[r * inputs..(r + group_rows) * inputs];
             if use_simd && group_rows == GROUP_ROWS {
                 #[cfg(target_arch = "x86_64")]
-                // SAFETY: `use_simd` is set only where the features were detected; the
-                // slices hold four weight rows, every input row and their outputs.
+                // SAFETY: `use_simd` is set only where the features were detected, and the
+                // slices contain four weight rows, every input row and their outputs.
                 unsafe {
                     group_tiles_avx512(&weights, x, self.cols, inputs, group_outputs)
                 };
@@ -108,8 +108,8 @@ impl QuantMatrix {
                 // pair of Q8 blocks, 32 for Q4.
                 let pointer = unsafe { self.codes.as_ptr().add(pair_slot * block_bytes) };
                 let scales = [self.scales[pair_slot], self.scales[pair_slot + 1]];
-                // SAFETY: the features were detected by the caller; the pointer addresses
-                // the pair's codes.
+                // SAFETY: the caller detected the features, and the pointer addresses the
+                // pair's codes.
                 let halves = match self.kind {
                     QuantKind::Q8 => unsafe { widen_q8_pair(pointer, scales) },
                     QuantKind::Q4 => unsafe { widen_q4_pair(pointer, scales) },
@@ -126,7 +126,7 @@ impl QuantMatrix {
     }
 }
 
-/// The bfloat16 values of a pair of Q8 blocks: `(code - 128) · scale` in `f32`, rounded.
+/// Widens a pair of Q8 blocks to bfloat16: `(code - 128) · scale` in `f32`, then rounded.
 ///
 /// # Safety
 /// `pointer` must address 64 readable bytes, and the CPU must have the features.
@@ -156,9 +156,9 @@ unsafe fn widen_q8_pair(pointer: *const u8, scales: [f32; 2]) -> [std::arch::x86
     }
 }
 
-/// The bfloat16 values of a pair of Q4 blocks, by table lookup: a block has only 16
-/// values, `(code - 8) · scale`, so each block's table is computed once and `vpermw`
-/// picks each code's entry.
+/// Widens a pair of Q4 blocks to bfloat16 by table lookup. A block has only 16 values,
+/// `(code - 8) · scale`, so each block's table is computed once and `vpermw` picks each
+/// code's entry.
 ///
 /// # Safety
 /// `pointer` must address the pair's 32 packed bytes, and the CPU must have the
@@ -187,12 +187,12 @@ unsafe fn widen_q4_pair(pointer: *const u8, scales: [f32; 2]) -> [std::arch::x86
     ]
 }
 
-/// One dot product in `f32`/// One dot product in `f32`: the fallback and the reference of the SIMD tiles.
+/// One dot product in `f32`/// Computes one dot product in `f32`, the fallback and the reference of the SIMD tiles.
 fn dot_portable(w: &[bf16], x: &[bf16]) -> f32 {
     w.iter().zip(x).map(|(w, x)| w.to_f32() * x.to_f32()).sum()
 }
 
-/// Products of four widened weight rows `[4, cols]` with every input row of `x`, into
+/// Computes the products of four widened weight rows `[4, cols]` with every input row of `x`, into
 /// `outputs` `[4, inputs]`, in tiles of four rows by up to four inputs.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
@@ -221,7 +221,7 @@ unsafe fn group_tiles_avx512(
     }
 }
 
-/// Four weight rows times `M` input rows: 4·M sums of 16 lanes stay in registers for
+/// Multiplies four weight rows by `M` input rows: 4·M sums of 16 lanes stay in registers for
 /// the whole width. Returns `M`. Output `[i][j]` goes to `outputs[i · stride + j]`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
@@ -233,7 +233,8 @@ unsafe fn tile_avx512<const M: usize>(
     stride: usize,
 ) -> usize {
     use std::arch::x86_64::*;
-    assert!(weights.len() >= GROUP_ROWS * cols && x.len() >= M * cols);
+    assert!(weights.len() >= GROUP_ROWS * cols);
+    assert!(x.len() >= M * cols);
     assert!(outputs.len() > (GROUP_ROWS - 1) * stride + M - 1);
     let (w, a) = (weights.as_ptr(), x.as_ptr());
     let mut sums = [[_mm512_setzero_ps(); M]; GROUP_ROWS];
