@@ -3,8 +3,8 @@
 //! candle 0.11 runs element-wise operations of 64Ki elements or more on a thread pool of
 //! its own. Between the kernels, which run on rayon's threads, that second pool competes
 //! for the cores, because its workers spin after each operation while rayon's start the
-//! next product. On two cores, in two side-by-side runs, a 4-bit prompt prefill took 0.95
-//! and 1.01 s with candle's sums, 0.69 and 0.88 s with these, which keep one pool.
+//! next product. On two cores, in two comparisons, a 4-bit prompt prefill took 0.95 and
+//! 1.01 s with candle's sums, 0.69 and 0.88 s with these, which keep one pool.
 //!
 //! NOTE: other large candle operations still use that pool, among them the mask sum of
 //! attention outside the bf16 packed path, and SiLU and tanh GELU.
