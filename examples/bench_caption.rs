@@ -2,7 +2,7 @@
 //! comparison with PyTorch in `scripts/bench_vs_pytorch.py`:
 //!
 //! `cargo run --release --example bench_caption -- MODEL IMAGE [--dtype f32|bf16|f16] [--quantize q8|q4|FILE]
-//! [--low-memory] [--tokens 20] [--repeats 3]`
+//! [--low-memory] [--vision-int8] [--prompt-int8] [--tokens 20] [--repeats 3]`
 //!
 //! The caption is forced to exactly `--tokens` new tokens (minimum = maximum), greedy.
 //! One caption runs first (reported as `first_caption_s`); the stage timings and the
@@ -47,13 +47,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [model, image, ..] = args.as_slice() else {
         return Err("usage: bench_caption MODEL IMAGE [--dtype f32|bf16|f16] \
-                    [--quantize q8|q4|FILE] [--low-memory] [--tokens N] [--repeats N]"
+                    [--quantize q8|q4|FILE] [--low-memory] [--vision-int8] [--prompt-int8] [--tokens N] [--repeats N]"
             .into());
     };
     let dtype = parse_dtype(&arg_value(&args, "--dtype").unwrap_or_else(|| "f32".into()))?;
     let tokens: usize = arg_value(&args, "--tokens").map_or(Ok(20), |t| t.parse())?;
     let repeats: usize = arg_value(&args, "--repeats").map_or(Ok(3), |t| t.parse())?;
     let low_memory = args.iter().any(|a| a == "--low-memory");
+    let vision_int8 = args.iter().any(|a| a == "--vision-int8");
+    let prompt_int8 = args.iter().any(|a| a == "--prompt-int8");
     // `q8` or `q4` quantizes at load; anything else names a file `blip2 quantize` wrote.
     let quantize_arg = arg_value(&args, "--quantize");
     let (quantize, quantized_weights) = match quantize_arg.as_deref() {
@@ -70,6 +72,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             quantize,
             quantized_weights,
             low_memory,
+            vision_int8,
+            prompt_int8,
             ..Default::default()
         },
     )?;
@@ -121,6 +125,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "dtype": format!("{dtype:?}"),
         "quantize": quantize_arg,
         "low_memory": low_memory,
+        "vision_int8": vision_int8,
+        "prompt_int8": prompt_int8,
         "threads": std::env::var("RAYON_NUM_THREADS").ok(),
         "load_s": load_s,
         "first_caption_s": first_caption_s,

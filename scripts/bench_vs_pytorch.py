@@ -17,7 +17,8 @@ gives the time of each stage, the end-to-end caption time after loading, the loa
 and the ratio of each figure to PyTorch's at the same dtype (quantized modes against PyTorch's
 bfloat16, its fastest). Quantized modes first run `blip2 quantize`, which saves the quantized
 layers next to the checkpoint (the run then loads that file) and prints the quality cost against
-float32 on the photos in images/. The machine's limits, read bandwidth and matrix-multiply rate
+float32 on the photos in images/; modes with 8-bit vision or prompt products measure their cost
+the same way, with those flags added. The machine's limits, read bandwidth and matrix-multiply rate
 measured here (medians of five passes), head the table. The last lines show how close decoding
 and the vision encoder come to them.
 """
@@ -167,19 +168,33 @@ def warm_page_cache(checkpoint: Path) -> None:
                 pass
 
 
+# Mode suffixes for 8-bit products with per-row weights: the flag each one passes.
+INT8_FLAGS = {"vint8": "--vision-int8", "pint8": "--prompt-int8"}
+
+
+def measure_quality(cli: Path, checkpoint: Path, kind: str, flags: list, env: dict, quality: dict,
+                    output: Path = None) -> None:
+    """Run `blip2 quantize` on the repository's photos with `flags` and record the quality cost
+    it prints; with `output`, it also saves the quantized layers there."""
+    key = " ".join([kind, *flags])
+    if key in quality:
+        return
+    photos = sorted(str(p) for p in (REPO / "images").iterdir() if p.suffix in (".png", ".jpg"))
+    print(f"blip2 quantize --kind {key} ...", file=sys.stderr)
+    command = [str(cli), "quantize", "--model", str(checkpoint), "--kind", kind, *flags, *photos]
+    if output:
+        command += ["-o", str(output)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"{' '.join(command)} failed:\n{result.stderr}")
+    quality[key] = result.stdout.strip().splitlines()[-1]
+
+
 def quantized_file(cli: Path, checkpoint: Path, kind: str, env: dict, quality: dict) -> Path:
     """Quantize the language model with `blip2 quantize`, saving the layers next to the checkpoint,
     and record the quality cost it measures on the repository's photos."""
     path = checkpoint.parent / f"{checkpoint.name}.{kind}.safetensors"
-    if kind in quality:
-        return path
-    photos = sorted(str(p) for p in (REPO / "images").iterdir() if p.suffix in (".png", ".jpg"))
-    print(f"blip2 quantize --kind {kind} ...", file=sys.stderr)
-    command = [str(cli), "quantize", "--model", str(checkpoint), "--kind", kind, "-o", str(path), *photos]
-    result = subprocess.run(command, env=env, capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.exit(f"{' '.join(command)} failed:\n{result.stderr}")
-    quality[kind] = result.stdout.strip().splitlines()[-1]
+    measure_quality(cli, checkpoint, kind, [], env, quality, output=path)
     return path
 
 
@@ -215,9 +230,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3, help="times each stage runs; the median is reported")
-    parser.add_argument("--modes", default="f32,f32-lowmem,bf16,f32-q8,f32-q4,bf16-q8,bf16-q4",
+    parser.add_argument("--modes", default="f32,f32-lowmem,bf16,f32-q8,f32-q4,bf16-q8,bf16-q4,bf16-q4-vint8-pint8",
                         help="this project's runs: a dtype (f32, bf16, f16), optionally followed by -q8 or -q4 "
-                             "(quantized language model) and -lowmem (--low-memory)")
+                             "(quantized language model), -lowmem (--low-memory), -vint8 (--vision-int8) and "
+                             "-pint8 (--prompt-int8)")
     parser.add_argument("--torch-dtypes", default="float32,bfloat16")
     parser.add_argument("--torch-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -252,8 +268,14 @@ def main() -> None:
         for extra in extras:
             if extra == "lowmem":
                 command += ["--low-memory"]
+            elif extra in INT8_FLAGS:
+                command += [INT8_FLAGS[extra]]
             else:
                 command += ["--quantize", str(quantized_file(cli, args.checkpoint, extra, env, quality))]
+        int8_flags = [INT8_FLAGS[e] for e in extras if e in INT8_FLAGS]
+        kind = next((e for e in extras if e in ("q8", "q4")), None)
+        if int8_flags and kind:
+            measure_quality(cli, args.checkpoint, kind, int8_flags, env, quality)
         warm_page_cache(args.checkpoint)
         results[f"rust {mode}"] = run_json(command, env)
 

@@ -193,3 +193,48 @@ fn quality_cost_grows_as_codes_get_narrower() {
     // 8-bit blocks keep errors small against logits that span about ±13 here.
     assert!(q8.max_abs_error < 0.05 * q8.max_abs_logit, "{q8:?}");
 }
+
+#[test]
+fn int8_vision_and_prompts_stay_close_to_float32() {
+    let positions = 12;
+    let reference = load("opt-tiny", LoadOptions::default());
+    let int8 = |vision_int8, prompt_int8| {
+        load(
+            "opt-tiny",
+            LoadOptions {
+                vision_int8,
+                prompt_int8,
+                ..Default::default()
+            },
+        )
+    };
+
+    // The vision encoder's 17 tokens go through the 8-bit products.
+    let vision = int8(true, false);
+    let pixels = reference.pixel_values(&photos()).unwrap();
+    let encode = |model: &Blip2| model.model().vision_encoder().encode(&pixels).unwrap();
+    let (expected, actual) = (encode(&reference), encode(&vision));
+    let (difference, ..) = max_difference(&actual, &expected);
+    let largest = expected.abs().unwrap().max_all().unwrap();
+    let largest = largest.to_scalar::<f32>().unwrap();
+    println!("vision: max difference {difference} against features up to {largest}");
+    assert!(difference > 0.0, "the 8-bit vision encoder changed nothing");
+    assert!(
+        difference < 0.05 * largest,
+        "{difference} against {largest}"
+    );
+
+    // The prompt (8 queries and BOS) takes the 8-bit copies; decoding keeps float32.
+    for (name, candidate) in [("prompts", int8(false, true)), ("both", int8(true, true))] {
+        let measured = reference
+            .compare_language_models(&candidate, &photos(), positions)
+            .unwrap();
+        println!("{name}: {measured:?}");
+        assert_eq!(measured.positions, 2 * positions);
+        assert!(measured.max_abs_error > 0.0, "{name}: no logit changed");
+        assert!(
+            measured.max_abs_error < 0.05 * measured.max_abs_logit,
+            "{name}: {measured:?}"
+        );
+    }
+}

@@ -30,6 +30,17 @@ pub struct QuantizeArgs {
     /// logits are compared with the float32 model's along the float32 greedy caption.
     pub images: Vec<PathBuf>,
 
+    /// Also quantize the vision encoder to 8 bits per row (as `--vision-int8` does) in the
+    /// measured model, so the figures include its cost. The saved file holds the language
+    /// model only.
+    #[arg(long)]
+    pub vision_int8: bool,
+
+    /// Also give the measured model 8-bit prompt weights (as `--prompt-int8` does), so
+    /// the figures include their cost.
+    #[arg(long)]
+    pub prompt_int8: bool,
+
     /// Caption positions compared per photo.
     #[arg(long, default_value_t = 32)]
     pub positions: usize,
@@ -58,6 +69,8 @@ pub fn run(args: QuantizeArgs) -> anyhow::Result<ExitCode> {
     let kind = parse_quantization(&args.kind)?;
     let options = LoadOptions {
         quantize: Some(kind),
+        vision_int8: args.vision_int8,
+        prompt_int8: args.prompt_int8,
         ..LoadOptions::default()
     };
     let mut quantized = Blip2::from_pretrained(model, &options)
@@ -102,7 +115,7 @@ pub fn run(args: QuantizeArgs) -> anyhow::Result<ExitCode> {
             "{} against float32 over {} position{} ({} photo{}): greedy agreement {:.1}% ({}/{}); \
              logit error max {:.4}, mean {:.4}; float32 logits reach {:.2}, and their top two are \
              {:.4} apart on average",
-            kind.name(),
+            measured_name(kind.name(), args.vision_int8, args.prompt_int8),
             agreement.positions,
             plural(agreement.positions),
             photos.len(),
@@ -124,6 +137,22 @@ pub fn run(args: QuantizeArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Names what was measured: the code width, and the 8-bit stages when there are any.
+fn measured_name(kind: &str, vision_int8: bool, prompt_int8: bool) -> String {
+    let mut name = kind.to_owned();
+    if vision_int8 {
+        name.push_str(" with int8 vision");
+    }
+    if prompt_int8 {
+        name.push_str(if vision_int8 {
+            " and int8 prompts"
+        } else {
+            " with int8 prompts"
+        });
+    }
+    name
 }
 
 /// Refuses an output path whose file must not be replaced: anything but a new file or an

@@ -14,6 +14,7 @@ use half::bf16;
 
 use crate::convert::{Element, bf16_values, f32_values, tensor_from_f32};
 use crate::kernels::packed_bf16::PackedBf16;
+use crate::kernels::packed_i8::PackedI8;
 use crate::kernels::quant::{QuantKind, QuantMatrix};
 use crate::weights::{MappedMatrix, Weights};
 
@@ -28,12 +29,17 @@ enum Weight {
     Quantized(Arc<QuantMatrix>),
     /// bfloat16 in panels for `vdpbf16ps` (CPUs with AVX-512 BF16).
     PackedBf16(Arc<PackedBf16>),
+    /// 8 bits per weight, one scale per row, in panels for `vpdpbusd`.
+    PackedI8(Arc<PackedI8>),
 }
 
 /// A fully connected layer `y = x Wᵀ + b`.
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: Weight,
+    /// 8-bit weights per row for products with more than [`GEMV_MAX_ROWS`] input rows,
+    /// next to the weights that smaller products use (see [`Linear::add_int8_for_many_rows`]).
+    many_rows: Option<Arc<PackedI8>>,
     bias: Option<Tensor>,
     in_features: usize,
     out_features: usize,
@@ -70,6 +76,7 @@ fn load(
     if let Some(mapped) = weights.mapped_matrix("weight", out_features, in_features) {
         return Ok(Linear {
             weight: Weight::Mapped(mapped),
+            many_rows: None,
             bias,
             in_features,
             out_features,
@@ -86,6 +93,7 @@ fn load(
             mapped.release();
             return Ok(Linear {
                 weight: Weight::PackedBf16(Arc::new(packed)),
+                many_rows: None,
                 bias,
                 in_features,
                 out_features,
@@ -113,6 +121,7 @@ impl Linear {
         };
         Self {
             weight,
+            many_rows: None,
             bias,
             in_features,
             out_features,
@@ -124,6 +133,7 @@ impl Linear {
         let (out_features, in_features) = matrix.shape();
         Self {
             weight: Weight::Mapped(matrix),
+            many_rows: None,
             bias,
             in_features,
             out_features,
@@ -135,6 +145,7 @@ impl Linear {
         let (out_features, in_features) = (matrix.rows(), matrix.cols());
         Self {
             weight: Weight::Quantized(Arc::new(matrix)),
+            many_rows: None,
             bias,
             in_features,
             out_features,
@@ -156,6 +167,12 @@ impl Linear {
             )
             .and_then(|t| t.to_dtype(DType::BF16))
             .ok(),
+            Weight::PackedI8(matrix) => Tensor::from_vec(
+                matrix.dequantize(),
+                (self.out_features, self.in_features),
+                &candle_core::Device::Cpu,
+            )
+            .ok(),
         }
     }
 
@@ -173,7 +190,7 @@ impl Linear {
     pub fn dtype(&self) -> DType {
         match &self.weight {
             Weight::Dense(weight) => weight.dtype(),
-            Weight::Mapped(_) | Weight::Quantized(_) => DType::F32,
+            Weight::Mapped(_) | Weight::Quantized(_) | Weight::PackedI8(_) => DType::F32,
             Weight::PackedBf16(_) => DType::BF16,
         }
     }
@@ -187,7 +204,9 @@ impl Linear {
     pub fn quantized(&self) -> Option<&QuantMatrix> {
         match &self.weight {
             Weight::Quantized(matrix) => Some(matrix),
-            Weight::Dense(_) | Weight::Mapped(_) | Weight::PackedBf16(_) => None,
+            Weight::Dense(_) | Weight::Mapped(_) | Weight::PackedBf16(_) | Weight::PackedI8(_) => {
+                None
+            }
         }
     }
 
@@ -213,6 +232,12 @@ impl Linear {
             Weight::PackedBf16(packed) => {
                 QuantMatrix::quantize(kind, &packed.to_f32(), self.out_features, self.in_features)
             }
+            Weight::PackedI8(packed) => QuantMatrix::quantize(
+                kind,
+                &packed.dequantize(),
+                self.out_features,
+                self.in_features,
+            ),
             Weight::Mapped(mapped) => {
                 // `set_quantized` then drops the float32 pages, read once here, so that
                 // peak memory stays near the quantized size.
@@ -221,6 +246,67 @@ impl Linear {
         }
         .map_err(candle_core::Error::Msg)?;
         self.set_quantized(matrix)?;
+        Ok(true)
+    }
+
+    /// Quantizes the weights to 8 bits with one scale per output row, in the layout of
+    /// [`PackedI8`]; inputs are then quantized per row at run time, which suits products
+    /// with many rows such as the vision encoder's. Returns `false`, leaving the layer as
+    /// it is, when it is not on the CPU or is already quantized in blocks.
+    pub fn quantize_per_row(&mut self) -> Result<bool> {
+        let packed = match &self.weight {
+            Weight::PackedI8(_) => return Ok(true),
+            Weight::Quantized(_) => return Ok(false),
+            Weight::Dense(weight) if !weight.device().is_cpu() => return Ok(false),
+            Weight::Dense(weight) => {
+                let values = weight
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                PackedI8::quantize(&values, self.out_features, self.in_features)
+            }
+            Weight::PackedBf16(packed) => {
+                PackedI8::quantize(&packed.to_f32(), self.out_features, self.in_features)
+            }
+            Weight::Mapped(mapped) => {
+                let packed =
+                    PackedI8::quantize(mapped.values(), self.out_features, self.in_features);
+                mapped.release();
+                packed
+            }
+        }
+        .map_err(candle_core::Error::Msg)?;
+        self.weight = Weight::PackedI8(Arc::new(packed));
+        self.many_rows = None;
+        Ok(true)
+    }
+
+    /// Adds a copy of the weights quantized to 8 bits per row ([`PackedI8`]), which
+    /// products with more than [`GEMV_MAX_ROWS`] input rows then use, with their inputs
+    /// quantized per row. For a prompt's tokens that product runs about twice as fast as
+    /// the bfloat16 one and three times as fast as weights quantized in blocks; decoding
+    /// keeps the current weights. Returns `false`, adding nothing, off the CPU.
+    pub fn add_int8_for_many_rows(&mut self) -> Result<bool> {
+        let (rows, cols) = (self.out_features, self.in_features);
+        let quantize = |values: &[f32]| {
+            PackedI8::quantize(values, rows, cols).map_err(candle_core::Error::Msg)
+        };
+        let packed = match &self.weight {
+            Weight::Dense(weight) if !weight.device().is_cpu() => return Ok(false),
+            Weight::Dense(weight) => quantize(
+                &weight
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?,
+            )?,
+            Weight::Mapped(mapped) => quantize(mapped.values())?,
+            Weight::PackedBf16(packed) => quantize(&packed.to_f32())?,
+            Weight::Quantized(matrix) => PackedI8::quantize_rows(rows, cols, |r, row| {
+                row.copy_from_slice(&matrix.dequantize_row(r));
+            }),
+            Weight::PackedI8(_) => return Ok(true),
+        };
+        self.many_rows = Some(Arc::new(packed));
         Ok(true)
     }
 
@@ -238,6 +324,7 @@ impl Linear {
             mapped.release();
         }
         self.weight = Weight::Quantized(Arc::new(matrix));
+        self.many_rows = None;
         if let Some(bias) = &self.bias {
             self.bias = Some(bias.to_dtype(DType::F32)?);
         }
@@ -251,6 +338,7 @@ impl Linear {
             Weight::Mapped(matrix) => matrix.values().len() * 4,
             Weight::Quantized(matrix) => matrix.size_in_bytes(),
             Weight::PackedBf16(matrix) => matrix.size_in_bytes(),
+            Weight::PackedI8(matrix) => matrix.size_in_bytes(),
         }
     }
 
@@ -265,8 +353,14 @@ impl Linear {
             return Ok(None);
         };
         *last = self.out_features;
-        if let Weight::PackedBf16(matrix) = &self.weight {
-            return self.forward_packed(matrix, xs, rows, shape).map(Some);
+        let packed = match (&self.weight, &self.many_rows) {
+            (_, Some(matrix)) if rows > GEMV_MAX_ROWS => Some(Packed::I8(matrix, f32_values(xs)?)),
+            (Weight::PackedBf16(matrix), _) => Some(Packed::Bf16(matrix, bf16_values(xs)?)),
+            (Weight::PackedI8(matrix), _) => Some(Packed::I8(matrix, f32_values(xs)?)),
+            _ => None,
+        };
+        if let Some(packed) = packed {
+            return self.forward_packed(xs, rows, shape, packed).map(Some);
         }
         let inputs = || f32_values(xs);
         let mut out = vec![0f32; rows * self.out_features];
@@ -318,7 +412,7 @@ impl Linear {
                     _ => return Ok(None),
                 }
             }
-            Weight::Dense(_) | Weight::PackedBf16(_) => return Ok(None),
+            Weight::Dense(_) | Weight::PackedBf16(_) | Weight::PackedI8(_) => return Ok(None),
         }
         self.kernel_output(out, shape, xs).map(Some)
     }
@@ -354,7 +448,9 @@ impl Linear {
             }
             None => false,
         });
-        let Some(matrices) = shared else {
+        let rows = xs.elem_count() / xs.dims().last().copied().unwrap_or(1).max(1);
+        let many_rows_int8 = rows > GEMV_MAX_ROWS && layers.iter().all(|l| l.many_rows.is_some());
+        let Some(matrices) = shared.filter(|_| !many_rows_int8) else {
             return layers.iter().map(|layer| layer.forward(xs)).collect();
         };
         let rows = xs.elem_count() / matrices[0].cols().max(1);
@@ -383,27 +479,46 @@ impl Linear {
             .transpose()
     }
 
-    /// Computes the product with packed bfloat16 weights. The bias is added to the `f32`
-    /// sums before they are rounded to the output dtype.
+    /// Runs a packed kernel. It adds the bias to its `f32` sums and converts them
+    /// straight to bfloat16 for bfloat16 inputs, so no `f32` copy of the output is made.
     fn forward_packed(
         &self,
-        matrix: &PackedBf16,
         xs: &Tensor,
         rows: usize,
         shape: Vec<usize>,
+        packed: Packed,
     ) -> Result<Tensor> {
-        let inputs = bf16_values(xs)?;
         let bias = self.bias_values()?;
         let bias = bias.as_deref();
         match xs.dtype() {
             DType::BF16 => {
-                let out = matrix.matmul(&inputs, rows, bias, <bf16 as Element>::from_f32);
+                let out = packed.matmul(rows, bias, <bf16 as Element>::from_f32);
                 Tensor::from_vec(out, shape, xs.device())
             }
             dtype => {
-                let out = matrix.matmul(&inputs, rows, bias, |v| v);
+                let out = packed.matmul(rows, bias, |v| v);
                 tensor_from_f32(out, shape, dtype, xs.device())
             }
+        }
+    }
+}
+
+/// A packed weight matrix with the inputs in the form its kernel takes.
+enum Packed<'a> {
+    Bf16(&'a PackedBf16, Vec<bf16>),
+    I8(&'a PackedI8, Vec<f32>),
+}
+
+impl Packed<'_> {
+    fn matmul<T: Send + Copy + Default>(
+        &self,
+        rows: usize,
+        bias: Option<&[f32]>,
+        convert: impl Fn(f32) -> T + Sync,
+    ) -> Vec<T> {
+        match self {
+            Self::Bf16(matrix, inputs) => matrix.matmul(inputs, rows, bias, convert),
+            Self::I8(matrix, inputs) => matrix.matmul(inputs, rows, bias, convert),
         }
     }
 }
@@ -519,5 +634,61 @@ mod tests {
             }
         }
         assert!(Linear::forward_many(&[], &xs).unwrap().is_empty());
+    }
+
+    #[test]
+    fn int8_rows_stay_close_and_apply_where_meant() {
+        let device = Device::Cpu;
+        let weight = Tensor::from_vec(values(40 * 100, 7, 0.1), (40, 100), &device).unwrap();
+        let bias = Tensor::from_vec(values(40, 8, 0.1), 40, &device).unwrap();
+        let layer = Linear::new(weight, Some(bias));
+        let inputs = |rows: usize| {
+            Tensor::from_vec(values(rows * 100, 9, 1.0), (1, rows, 100), &device).unwrap()
+        };
+        let (few, many) = (inputs(GEMV_MAX_ROWS), inputs(GEMV_MAX_ROWS + 1));
+        let (dense_few, dense_many) = (layer.forward(&few).unwrap(), layer.forward(&many).unwrap());
+        // Outputs spread about 0.33 here; 8-bit weights and inputs err by about 0.004.
+        let tolerance = 0.02;
+
+        // Quantized per row, every product uses the 8-bit weights, in the input's dtype.
+        let mut per_row = layer.clone();
+        assert!(per_row.quantize_per_row().unwrap());
+        for (xs, dense) in [(&few, &dense_few), (&many, &dense_many)] {
+            let difference = max_abs_difference(&per_row.forward(xs).unwrap(), dense);
+            assert!(difference > 0.0 && difference < tolerance, "{difference}");
+        }
+        let half = per_row
+            .forward(&many.to_dtype(DType::BF16).unwrap())
+            .unwrap();
+        assert_eq!(half.dtype(), DType::BF16);
+        let difference = max_abs_difference(&half.to_dtype(DType::F32).unwrap(), &dense_many);
+        assert!(difference < tolerance, "bf16: {difference}");
+
+        // With an 8-bit copy, only products of more than GEMV_MAX_ROWS rows change.
+        let mut with_copy = layer.clone();
+        assert!(with_copy.add_int8_for_many_rows().unwrap());
+        let unchanged = max_abs_difference(&with_copy.forward(&few).unwrap(), &dense_few);
+        assert_eq!(unchanged, 0.0);
+        let difference = max_abs_difference(&with_copy.forward(&many).unwrap(), &dense_many);
+        assert!(difference > 0.0 && difference < tolerance, "{difference}");
+
+        // Layers quantized in blocks with copies run them alone for many rows, the same
+        // as one by one, and share one pass for few.
+        let wide = Tensor::from_vec(values(40 * 128, 10, 0.1), (40, 128), &device).unwrap();
+        let mut blocks = Linear::new(wide, None);
+        blocks.quantize(QuantKind::Q8).unwrap();
+        blocks.add_int8_for_many_rows().unwrap();
+        for rows in [3, 12] {
+            let xs = Tensor::from_vec(values(rows * 128, 11, 1.0), (rows, 128), &device).unwrap();
+            let shared = Linear::forward_many(&[&blocks, &blocks], &xs).unwrap();
+            assert_eq!(
+                max_abs_difference(&shared[1], &blocks.forward(&xs).unwrap()),
+                0.0
+            );
+        }
+        // New weights drop the copy, which no longer matches them.
+        let matrix = QuantMatrix::quantize(QuantKind::Q4, &values(40 * 128, 12, 0.1), 40, 128);
+        blocks.set_quantized(matrix.unwrap()).unwrap();
+        assert!(blocks.many_rows.is_none());
     }
 }

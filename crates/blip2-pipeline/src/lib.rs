@@ -38,7 +38,7 @@ pub use checkpoint::CheckpointFiles;
 pub use config::Blip2Config;
 pub use error::{Error, Result};
 pub use indexing::{IndexEvent, IndexReport, PHOTO_EXTENSIONS, SearchResult, find_photos};
-pub use model::{Blip2Model, ImageFeatures, RetrievalHeads};
+pub use model::{Blip2Model, ImageFeatures, QuantizedStages, RetrievalHeads};
 pub use pipeline::{
     Blip2, Caption, DEFAULT_MAX_NEW_TOKENS, LoadOptions, parse_dtype, parse_quantization,
 };

@@ -63,6 +63,15 @@ impl RetrievalHeads {
     }
 }
 
+/// The stages whose fully connected layers are quantized right after loading.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QuantizedStages {
+    /// The vision encoder, 8 bits per output row.
+    pub vision: bool,
+    /// The language model, at load or from a file.
+    pub language: bool,
+}
+
 /// A loaded BLIP-2 checkpoint: `Blip2ForConditionalGeneration` (with a language model)
 /// or `Blip2ForImageTextRetrieval` (with retrieval heads).
 pub struct Blip2Model {
@@ -110,29 +119,27 @@ impl Blip2Model {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        Self::load_inner(config, config_path, weights, dtype, device, false)
+        Self::load_to_quantize(
+            config,
+            config_path,
+            weights,
+            dtype,
+            device,
+            QuantizedStages::default(),
+        )
     }
 
-    /// Loads like [`Blip2Model::load`], for a language model quantized next (at load or
-    /// from a file). Its fully connected layers read the file's float32 values in place
-    /// until the quantized weights replace them, so no converted copy is ever made.
+    /// Loads like [`Blip2Model::load`], for stages quantized next (the language model at
+    /// load or from a file, the vision encoder per row). Their fully connected layers read
+    /// the file's float32 values in place until the quantized weights replace them, so no
+    /// converted copy is ever made.
     pub fn load_to_quantize(
         config: &Blip2Config,
         config_path: &Path,
         weights: &[PathBuf],
         dtype: DType,
         device: &Device,
-    ) -> Result<Self> {
-        Self::load_inner(config, config_path, weights, dtype, device, true)
-    }
-
-    fn load_inner(
-        config: &Blip2Config,
-        config_path: &Path,
-        weights: &[PathBuf],
-        dtype: DType,
-        device: &Device,
-        quantized_language: bool,
+        stages: QuantizedStages,
     ) -> Result<Self> {
         let dir = weights
             .first()
@@ -189,8 +196,16 @@ impl Blip2Model {
             });
         }
 
+        let in_place = |quantized: bool| {
+            if quantized {
+                vb.clone().with_matrices_in_place()
+            } else {
+                vb.clone()
+            }
+        };
         let vision =
-            EvaVisionModel::load(&vision_settings, vb.pp("vision_model")).map_err(weights_error)?;
+            EvaVisionModel::load(&vision_settings, in_place(stages.vision).pp("vision_model"))
+                .map_err(weights_error)?;
         let f32_vb = vb.clone().set_dtype(DType::F32);
         let qformer_width = qformer_settings.hidden_size;
         let query_tokens = f32_vb
@@ -199,11 +214,7 @@ impl Blip2Model {
         let qformer =
             QFormer::load(&qformer_settings, f32_vb.pp("qformer")).map_err(weights_error)?;
 
-        let language_vb = if quantized_language {
-            vb.clone().with_matrices_in_place()
-        } else {
-            vb.clone()
-        };
+        let language_vb = in_place(stages.language);
         let language = if has_language {
             Some(
                 load_language(config, config_path, qformer_width, &language_vb).map_err(
@@ -310,6 +321,38 @@ impl Blip2Model {
             "quantized the language model"
         );
         Ok(report)
+    }
+
+    /// Quantizes the vision encoder's fully connected layers to 8 bits per output row
+    /// (see [`VisionEncoder::quantize_per_row`]).
+    pub fn quantize_vision_encoder(&mut self) -> Result<usize> {
+        let layers = self.vision.quantize_per_row()?;
+        if layers == 0 {
+            return Err(Error::Quantized(
+                "this vision encoder has no layers that can be quantized per row".into(),
+            ));
+        }
+        // As for the language model: the float32 pages were read once and are not used again.
+        if let Some(mapped) = &self.mapped {
+            mapped.release("vision_model.");
+        }
+        tracing::info!(layers, "quantized the vision encoder to 8 bits per row");
+        Ok(layers)
+    }
+
+    /// Gives each of the language model's fully connected layers a copy of its weights
+    /// in 8 bits per row for prompts (see [`Linear::add_int8_for_many_rows`]); decoding
+    /// keeps the current weights. Returns how many layers have one.
+    pub fn add_int8_prompt_weights(&mut self) -> Result<usize> {
+        let mut layers = 0;
+        for (_, linear) in self
+            .language_model_mut("add int8 prompt weights to")?
+            .linears_mut()
+        {
+            layers += usize::from(linear.add_int8_for_many_rows()?);
+        }
+        tracing::info!(layers, "added 8-bit prompt weights to the language model");
+        Ok(layers)
     }
 
     /// Reads the language model's quantized layers from `path` (written by

@@ -248,4 +248,19 @@ impl VisionEncoder for EvaVisionModel {
     fn hidden_size(&self) -> usize {
         self.settings.hidden_size
     }
+
+    fn quantize_per_row(&mut self) -> Result<usize> {
+        let mut quantized = 0;
+        for layer in &mut self.layers {
+            for linear in [
+                &mut layer.self_attn.qkv,
+                &mut layer.self_attn.projection,
+                &mut layer.fc1,
+                &mut layer.fc2,
+            ] {
+                quantized += usize::from(linear.quantize_per_row()?);
+            }
+        }
+        Ok(quantized)
+    }
 }

@@ -97,20 +97,21 @@ fn row(logits: &Tensor) -> Result<Vec<f32>> {
     logits.flatten_all()?.to_vec1::<f32>()
 }
 
-/// Runs `prompt` through both models, then feeds both the reference's greedy token
-/// `positions - 1` times, comparing the next-token logits at each of the `positions`
-/// steps. Both models see the same tokens, so one early disagreement does not make every
-/// later position differ.
+/// Runs each model's prompt (the same text, with image queries from each model's own
+/// image side) through it, then feeds both the reference's greedy token `positions - 1`
+/// times, comparing the next-token logits at each of the `positions` steps. Both models
+/// see the same tokens, so one early disagreement does not make every later position
+/// differ.
 pub fn compare_greedy(
     reference: &dyn LanguageModel,
     candidate: &dyn LanguageModel,
-    prompt: &PromptInput,
+    reference_prompt: &PromptInput,
+    candidate_prompt: &PromptInput,
     positions: usize,
 ) -> Result<LogitAgreement> {
-    let prompts = std::slice::from_ref(prompt);
-    let (embeds, mask) = left_pad(prompts, reference.dtype())?;
+    let (embeds, mask) = left_pad(std::slice::from_ref(reference_prompt), reference.dtype())?;
     let (mut reference_session, reference_logits) = reference.start(&embeds, &mask, positions)?;
-    let (embeds, mask) = left_pad(prompts, candidate.dtype())?;
+    let (embeds, mask) = left_pad(std::slice::from_ref(candidate_prompt), candidate.dtype())?;
     let (mut candidate_session, candidate_logits) = candidate.start(&embeds, &mask, positions)?;
     let mut logits = (row(&reference_logits)?, row(&candidate_logits)?);
     let mut agreement = LogitAgreement::default();

@@ -12,9 +12,12 @@
 //! - [`bf16`]: bfloat16 weights with `vdpbf16ps`, row by row, for a few input rows.
 //! - [`packed_bf16`]: bfloat16 weights in panels for `vdpbf16ps`, for any number of
 //!   input rows (the vision encoder and prompts as well as decoding).
+//! - [`packed_i8`]: 8-bit weights with one scale per row, in panels for `vpdpbusd`, with
+//!   inputs quantized per row; the vision encoder's fastest mode.
 
 pub mod bf16;
 pub mod packed_bf16;
+pub mod packed_i8;
 pub mod quant;
 
 pub(crate) use packed_bf16::round_to_bf16;

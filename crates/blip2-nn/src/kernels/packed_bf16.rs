@@ -35,7 +35,7 @@ pub struct PackedBf16 {
 }
 
 /// The output of a product, written by tasks that each own a band of columns.
-struct DisjointColumns<T>(*mut T);
+pub(crate) struct DisjointColumns<T>(pub(crate) *mut T);
 
 // SAFETY: tasks write disjoint ranges, so sharing the pointer among threads is sound.
 unsafe impl<T: Send> Send for DisjointColumns<T> {}
@@ -47,7 +47,7 @@ impl<T> DisjointColumns<T> {
     /// # Safety
     /// The range must lie inside the output, and no other live slice may overlap it.
     #[allow(clippy::mut_from_ref)]
-    unsafe fn slice(&self, start: usize, len: usize) -> &mut [T] {
+    pub(crate) unsafe fn slice(&self, start: usize, len: usize) -> &mut [T] {
         // SAFETY: guaranteed by the caller.
         unsafe { std::slice::from_raw_parts_mut(self.0.add(start), len) }
     }

@@ -246,10 +246,13 @@ impl QuantMatrix {
     /// Row `r` dequantized.
     pub fn dequantize_row(&self, r: usize) -> Vec<f32> {
         let codes = self.row_codes(r);
-        let offset = self.kind.offset();
-        (0..self.cols)
-            .map(|i| self.scale(r, i / BLOCK) * (codes[i] as i32 - offset) as f32)
-            .collect()
+        let offset = self.kind.offset() as f32;
+        let mut values = Vec::with_capacity(self.cols);
+        for (b, block) in codes.chunks(BLOCK).enumerate() {
+            let scale = self.scale(r, b);
+            values.extend(block.iter().map(|&c| scale * (f32::from(c) - offset)));
+        }
+        values
     }
 
     /// `out[m][r] = Σ_k x[m][k] · w[r][k]` with `x` `[inputs, cols]` quantized to 8 bits
