@@ -195,7 +195,7 @@ fn quality_cost_grows_as_codes_get_narrower() {
 }
 
 #[test]
-fn int8_vision_and_prompts_stay_close_to_float32() {
+fn int8_vision_and_prompts_stay_close() {
     let positions = 12;
     let reference = load("opt-tiny", LoadOptions::default());
     let int8 = |vision_int8, prompt_int8| {

@@ -41,16 +41,15 @@ pub struct ModelArgs {
     pub low_memory: bool,
 
     /// Quantize the vision encoder's fully connected layers to 8 bits per output row at
-    /// load, with their inputs quantized per token as they run: faster on CPUs with
-    /// AVX-512 VNNI, with image features slightly off (see the README for the measured
-    /// cost).
+    /// load, and their inputs to 8 bits per token as they run. Faster on CPUs with AVX-512
+    /// VNNI; the image features change slightly (the README gives the measured cost).
     #[arg(long)]
     pub vision_int8: bool,
 
     /// Give the language model a second copy of its weights in 8 bits per row for
-    /// prompts, whose inputs are then quantized per token: faster prompts on CPUs with
-    /// AVX-512 VNNI for about one more byte of memory per weight (decoding keeps the
-    /// weights --dtype and --quantize chose).
+    /// prompts, whose inputs are then quantized per token. Prompts run faster on CPUs
+    /// with AVX-512 VNNI, for about one more byte of memory per weight. Decoding keeps
+    /// the weights --dtype and --quantize chose.
     #[arg(long)]
     pub prompt_int8: bool,
 }

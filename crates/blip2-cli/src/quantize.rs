@@ -31,8 +31,8 @@ pub struct QuantizeArgs {
     pub images: Vec<PathBuf>,
 
     /// Also quantize the vision encoder to 8 bits per row (as `--vision-int8` does) in the
-    /// measured model, so the figures include its cost. The saved file holds the language
-    /// model only.
+    /// measured model, so the figures include its cost. The saved file contains the
+    /// language model only.
     #[arg(long)]
     pub vision_int8: bool,
 

@@ -341,8 +341,8 @@ impl Blip2Model {
     }
 
     /// Gives each of the language model's fully connected layers a copy of its weights
-    /// in 8 bits per row for prompts (see [`Linear::add_int8_for_many_rows`]); decoding
-    /// keeps the current weights. Returns how many layers have one.
+    /// in 8 bits per row for prompts (see [`Linear::add_int8_for_many_rows`]). Decoding
+    /// keeps the current weights. Returns how many layers have a copy.
     pub fn add_int8_prompt_weights(&mut self) -> Result<usize> {
         let mut layers = 0;
         for (_, linear) in self

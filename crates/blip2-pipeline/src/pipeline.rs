@@ -43,8 +43,8 @@ pub struct LoadOptions {
     pub vision_int8: bool,
     /// Give the language model's fully connected layers a second copy of their weights
     /// in 8 bits per row, used with inputs quantized per token for prompts (CPU only).
-    /// Faster prompts on CPUs with AVX-512 VNNI, for about one byte per weight more
-    /// memory; decoding keeps the weights `dtype` and `quantize` chose.
+    /// Prompts run faster on CPUs with AVX-512 VNNI, for about one more byte of memory
+    /// per weight. Decoding keeps the weights `dtype` and `quantize` chose.
     pub prompt_int8: bool,
 }
 

@@ -39,8 +39,8 @@ pub trait VisionEncoder: Send + Sync {
 
     /// Quantizes the fully connected layers' weights to 8 bits with one scale per output
     /// row; their inputs are then quantized per token as they run. Faster on CPUs with
-    /// AVX-512 VNNI, at some cost in accuracy. Returns how many layers were quantized;
-    /// backbones that do not support it keep their weights and return 0.
+    /// AVX-512 VNNI, at some cost in accuracy. Returns how many layers were quantized.
+    /// Backbones that do not support it keep their weights and return 0.
     fn quantize_per_row(&mut self) -> Result<usize> {
         Ok(0)
     }

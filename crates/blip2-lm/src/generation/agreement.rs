@@ -97,8 +97,8 @@ fn row(logits: &Tensor) -> Result<Vec<f32>> {
     logits.flatten_all()?.to_vec1::<f32>()
 }
 
-/// Runs each model's prompt (the same text, with image queries from each model's own
-/// image side) through it, then feeds both the reference's greedy token `positions - 1`
+/// Runs each model's prompt through it: the same text, with the image queries of each
+/// model's own image side. Then feeds both the reference's greedy token `positions - 1`
 /// times, comparing the next-token logits at each of the `positions` steps. Both models
 /// see the same tokens, so one early disagreement does not make every later position
 /// differ.

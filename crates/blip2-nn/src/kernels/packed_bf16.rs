@@ -16,8 +16,8 @@ use super::cpu_features;
 /// Output rows per panel: one 512-bit vector of `f32` sums.
 pub const PANEL: usize = 16;
 /// Panels one task computes together (32 outputs per input row).
-const PANELS_PER_TASK: usize = 2;
-const TASK_WIDTH: usize = PANEL * PANELS_PER_TASK;
+pub(crate) const PANELS_PER_TASK: usize = 2;
+pub(crate) const TASK_WIDTH: usize = PANEL * PANELS_PER_TASK;
 /// Input rows the widest tile computes at once.
 const TILE_ROWS: usize = 8;
 
@@ -211,31 +211,67 @@ impl PackedBf16 {
         block: &mut [f32],
         use_simd: bool,
     ) {
-        let pairs = self.pairs;
+        #[cfg(target_arch = "x86_64")]
+        let simd: Option<[TileKernel<f32>; 4]> = use_simd.then_some([
+            tile_avx512::<8>,
+            tile_avx512::<4>,
+            tile_avx512::<2>,
+            tile_avx512::<1>,
+        ]);
+        #[cfg(not(target_arch = "x86_64"))]
+        let simd = {
+            let _ = use_simd;
+            None
+        };
+        let tiles = Tiles {
+            weights,
+            count,
+            activations,
+            width: self.pairs,
+        };
+        tiles.run(inputs, block, simd, tile_portable);
+    }
+}
+
+/// A tile kernel: `(weights, count, rows, width, out)` computes the input rows in `rows`
+/// (`width` values each) against `count` panels of `weights` into `out`.
+pub(crate) type TileKernel<S> = unsafe fn(&[u32], usize, &[u32], usize, &mut [S]);
+
+/// One task's panels and every input row, `width` packed values each.
+pub(crate) struct Tiles<'a> {
+    pub(crate) weights: &'a [u32],
+    pub(crate) count: usize,
+    pub(crate) activations: &'a [u32],
+    pub(crate) width: usize,
+}
+
+impl Tiles<'_> {
+    /// Cuts the `inputs` rows into tiles of 8, then 4, 2 and 1 for what is left, and runs
+    /// each through `simd` (kernels for 8, 4, 2 and 1 rows) when given, else `portable`.
+    /// `block` receives [`TASK_WIDTH`] sums per input row.
+    pub(crate) fn run<S>(
+        &self,
+        inputs: usize,
+        block: &mut [S],
+        simd: Option<[TileKernel<S>; 4]>,
+        portable: fn(&[u32], usize, &[u32], usize, &mut [S]),
+    ) {
+        let width = self.width;
         let mut first = 0;
-        // Tiles of 8 rows, then 4, 2 and 1 for what is left.
-        for tile in [TILE_ROWS, 4, 2, 1] {
+        for (size, tile) in [TILE_ROWS, 4, 2, 1].into_iter().enumerate() {
             while inputs - first >= tile {
-                let rows = &activations[first * pairs..(first + tile) * pairs];
+                let rows = &self.activations[first * width..(first + tile) * width];
                 let out = &mut block[first * TASK_WIDTH..(first + tile) * TASK_WIDTH];
-                #[cfg(target_arch = "x86_64")]
-                if use_simd {
-                    // SAFETY: the features were detected at run time; the slices hold
-                    // `count` panels, `tile` activation rows and `tile` output rows.
-                    unsafe {
-                        match tile {
-                            8 => tile_avx512::<8>(weights, count, rows, pairs, out),
-                            4 => tile_avx512::<4>(weights, count, rows, pairs, out),
-                            2 => tile_avx512::<2>(weights, count, rows, pairs, out),
-                            _ => tile_avx512::<1>(weights, count, rows, pairs, out),
-                        }
-                    }
-                    first += tile;
-                    continue;
-                }
-                let _ = use_simd;
-                tile_portable(weights, count, rows, pairs, out);
                 first += tile;
+                match simd {
+                    // SAFETY: the kernels were chosen for features detected at run time;
+                    // the slices hold `count` panels, `tile` activation rows and `tile`
+                    // output rows.
+                    Some(kernels) => unsafe {
+                        kernels[size](self.weights, self.count, rows, width, out)
+                    },
+                    None => portable(self.weights, self.count, rows, width, out),
+                }
             }
         }
     }

@@ -2,8 +2,8 @@
 //! with many input rows (the vision encoder's 257 tokens).
 //!
 //! The instruction multiplies four unsigned bytes by four signed bytes and adds their
-//! sum to a 32-bit lane. The weights `[rows, cols]` are cut into panels of 16 rows;
-//! within a panel the 16 rows' codes for each group of four columns ("quad") make one
+//! sum to a 32-bit lane. The weights `[rows, cols]` are cut into panels of 16 rows.
+//! Within a panel, the 16 rows' codes for each group of four columns ("quad") make one
 //! 64-byte vector. One activation quad, broadcast to every lane, meets 16 output rows
 //! per instruction: twice the multiplications of `vdpbf16ps`, and no scale to apply
 //! until the whole row is summed.
@@ -17,15 +17,7 @@
 use rayon::prelude::*;
 
 use super::cpu_features;
-use super::packed_bf16::DisjointColumns;
-
-/// Output rows per panel: one 512-bit vector of 32-bit sums.
-const PANEL: usize = 16;
-/// Panels one task computes together.
-const PANELS_PER_TASK: usize = 2;
-const TASK_WIDTH: usize = PANEL * PANELS_PER_TASK;
-/// Input rows the widest tile computes at once.
-const TILE_ROWS: usize = 8;
+use super::packed_bf16::{DisjointColumns, PANEL, PANELS_PER_TASK, TASK_WIDTH, TileKernel, Tiles};
 
 /// A `[rows, cols]` matrix of 8-bit codes with one scale per row, in panel layout.
 #[derive(Debug, Clone, PartialEq)]
@@ -125,7 +117,7 @@ impl PackedI8 {
         self.data.len() * 4 + self.rows * 8
     }
 
-    /// The weights as the kernel sees them, `f32` `[rows, cols]` row-major.
+    /// Dequantizes the weights the kernel multiplies by to `f32` `[rows, cols]`, row-major.
     pub fn dequantize(&self) -> Vec<f32> {
         let mut values = vec![0f32; self.rows * self.cols];
         for (r, row) in values.chunks_mut(self.cols.max(1)).enumerate() {
@@ -255,35 +247,29 @@ impl PackedI8 {
         block: &mut [i32],
         use_simd: bool,
     ) {
-        let quads = self.quads;
-        let mut first = 0;
-        for tile in [TILE_ROWS, 4, 2, 1] {
-            while inputs - first >= tile {
-                let rows = &activations[first * quads..(first + tile) * quads];
-                let out = &mut block[first * TASK_WIDTH..(first + tile) * TASK_WIDTH];
-                first += tile;
-                #[cfg(target_arch = "x86_64")]
-                if use_simd {
-                    // SAFETY: the features were detected at run time; the slices hold
-                    // `count` panels, `tile` activation rows and `tile` output rows.
-                    unsafe {
-                        match tile {
-                            8 => tile_vnni::<8>(weights, count, rows, quads, out),
-                            4 => tile_vnni::<4>(weights, count, rows, quads, out),
-                            2 => tile_vnni::<2>(weights, count, rows, quads, out),
-                            _ => tile_vnni::<1>(weights, count, rows, quads, out),
-                        }
-                    }
-                    continue;
-                }
-                let _ = use_simd;
-                tile_portable(weights, count, rows, quads, out);
-            }
-        }
+        #[cfg(target_arch = "x86_64")]
+        let simd: Option<[TileKernel<i32>; 4]> = use_simd.then_some([
+            tile_vnni::<8>,
+            tile_vnni::<4>,
+            tile_vnni::<2>,
+            tile_vnni::<1>,
+        ]);
+        #[cfg(not(target_arch = "x86_64"))]
+        let simd = {
+            let _ = use_simd;
+            None
+        };
+        let tiles = Tiles {
+            weights,
+            count,
+            activations,
+            width: self.quads,
+        };
+        tiles.run(inputs, block, simd, tile_portable);
     }
 }
 
-/// The weight code of `value` for a row scale `scale`.
+/// Returns the weight code of `value` for the row scale `scale`.
 fn weight_code(value: f32, scale: f32) -> i8 {
     let inverse = if scale == 0.0 { 0.0 } else { 1.0 / scale };
     round_small(value * inverse).clamp(-127.0, 127.0) as i8
@@ -345,6 +331,7 @@ unsafe fn tile_vnni<const R: usize>(
     } else {
         first
     };
+
     let mut low = [_mm512_setzero_si512(); R];
     let mut high = [_mm512_setzero_si512(); R];
     for j in 0..quads {
@@ -362,6 +349,7 @@ unsafe fn tile_vnni<const R: usize>(
             high[r] = _mm512_dpbusd_epi32(high[r], a, w1);
         }
     }
+
     for r in 0..R {
         // SAFETY: r · 32 + 32 <= out.len(), checked above.
         unsafe {
