@@ -8,6 +8,8 @@
 //!
 //! Activations are rounded to bfloat16, as PyTorch does in bfloat16; sums stay in `f32`.
 
+use std::ops::Range;
+
 use half::bf16;
 use rayon::prelude::*;
 
@@ -35,7 +37,7 @@ pub struct PackedBf16 {
 }
 
 /// The output of a product, written by tasks that each own a band of columns.
-pub(crate) struct DisjointColumns<T>(pub(crate) *mut T);
+struct DisjointColumns<T>(*mut T);
 
 // SAFETY: tasks write disjoint ranges, so sharing the pointer among threads is sound.
 unsafe impl<T: Send> Send for DisjointColumns<T> {}
@@ -47,7 +49,7 @@ impl<T> DisjointColumns<T> {
     /// # Safety
     /// The range must lie inside the output, and no other live slice may overlap it.
     #[allow(clippy::mut_from_ref)]
-    pub(crate) unsafe fn slice(&self, start: usize, len: usize) -> &mut [T] {
+    unsafe fn slice(&self, start: usize, len: usize) -> &mut [T] {
         // SAFETY: guaranteed by the caller.
         unsafe { std::slice::from_raw_parts_mut(self.0.add(start), len) }
     }
@@ -147,43 +149,25 @@ impl PackedBf16 {
         convert: impl Fn(f32) -> T + Sync,
     ) -> Vec<T> {
         assert_eq!(x.len(), inputs * self.cols, "inputs must be inputs × cols");
-        if let Some(bias) = bias {
-            assert_eq!(
-                bias.len(),
-                self.rows,
-                "the bias must have one value per row"
-            );
-        }
-
         let activations = self.activation_pairs(x, inputs);
-        let panels = self.rows.div_ceil(PANEL);
-        let tasks = panels.div_ceil(PANELS_PER_TASK);
         let use_simd = cpu_features().avx512_bf16;
-
-        let rows = self.rows;
-        let mut out = vec![T::default(); inputs * rows];
-        let columns = DisjointColumns(out.as_mut_ptr());
-        (0..tasks).into_par_iter().for_each(|task| {
-            let first = task * PANELS_PER_TASK;
-            let count = PANELS_PER_TASK.min(panels - first);
-            let panel_len = self.pairs * PANEL;
-            let weights = &self.data[first * panel_len..(first + count) * panel_len];
-            // The task's sums, `[inputs, 32]`, then its 32 columns of every output row.
-            let mut block = vec![0f32; inputs * TASK_WIDTH];
-            self.task(weights, count, &activations, inputs, &mut block, use_simd);
-            let first_column = task * TASK_WIDTH;
-            let width = TASK_WIDTH.min(rows - first_column);
-            let bias = bias.map(|b| &b[first_column..first_column + width]);
-            for (input, sums) in block.chunks_exact(TASK_WIDTH).enumerate() {
-                // SAFETY: the range lies inside `out`, and no other task writes these
-                // columns.
-                let values = unsafe { columns.slice(input * rows + first_column, width) };
-                for (i, (value, &sum)) in values.iter_mut().zip(sums).enumerate() {
-                    *value = convert(sum + bias.map_or(0.0, |b| b[i]));
+        let panels = Panels {
+            data: &self.data,
+            rows: self.rows,
+            panel_len: self.pairs * PANEL,
+        };
+        panels.run(
+            inputs,
+            bias,
+            |weights, count, block| {
+                self.task(weights, count, &activations, inputs, block, use_simd);
+            },
+            |_, _, sums, bias, values| {
+                for ((value, &sum), &b) in values.iter_mut().zip(sums).zip(bias) {
+                    *value = convert(sum + b);
                 }
-            }
-        });
-        out
+            },
+        )
     }
 
     /// Packs the activations as column pairs `[inputs, pairs]`, the last one zero-padded.
@@ -230,6 +214,68 @@ impl PackedBf16 {
             width: self.pairs,
         };
         tiles.run(inputs, block, simd, tile_portable);
+    }
+}
+
+/// Packed weights as the tasks of a product see them: `rows` outputs in panels of
+/// [`PANEL`] rows, `panel_len` values each.
+pub(crate) struct Panels<'a> {
+    pub(crate) data: &'a [u32],
+    pub(crate) rows: usize,
+    pub(crate) panel_len: usize,
+}
+
+impl Panels<'_> {
+    /// Computes a product in parallel tasks of [`PANELS_PER_TASK`] panels and returns it
+    /// `[inputs, rows]`, row-major. Each task calls `sums(weights, count, block)` to fill
+    /// `block` with [`TASK_WIDTH`] sums per input row from its `count` panels. Then, for
+    /// each input row, `finish(input, columns, sums, bias, outputs)` writes the task's
+    /// output columns, with the bias of those columns (zero without one).
+    pub(crate) fn run<S: Copy + Default, T: Send + Copy + Default>(
+        &self,
+        inputs: usize,
+        bias: Option<&[f32]>,
+        sums: impl Fn(&[u32], usize, &mut [S]) + Sync,
+        finish: impl Fn(usize, Range<usize>, &[S], &[f32], &mut [T]) + Sync,
+    ) -> Vec<T> {
+        let rows = self.rows;
+        let zeros;
+        let bias = match bias {
+            Some(bias) => {
+                assert_eq!(bias.len(), rows, "the bias must have one value per row");
+                bias
+            }
+            None => {
+                zeros = vec![0f32; rows];
+                &zeros
+            }
+        };
+        let panels = rows.div_ceil(PANEL);
+        let tasks = panels.div_ceil(PANELS_PER_TASK);
+        let mut out = vec![T::default(); inputs * rows];
+        let output = DisjointColumns(out.as_mut_ptr());
+        (0..tasks).into_par_iter().for_each(|task| {
+            let first = task * PANELS_PER_TASK;
+            let count = PANELS_PER_TASK.min(panels - first);
+            let weights = &self.data[first * self.panel_len..(first + count) * self.panel_len];
+            let mut block = vec![S::default(); inputs * TASK_WIDTH];
+            sums(weights, count, &mut block);
+
+            let columns = task * TASK_WIDTH..(task * TASK_WIDTH + TASK_WIDTH).min(rows);
+            for (input, row_sums) in block.chunks_exact(TASK_WIDTH).enumerate() {
+                // SAFETY: the range lies inside `out`, and no other task writes these
+                // columns.
+                let values = unsafe { output.slice(input * rows + columns.start, columns.len()) };
+                finish(
+                    input,
+                    columns.clone(),
+                    row_sums,
+                    &bias[columns.clone()],
+                    values,
+                );
+            }
+        });
+        out
     }
 }
 

@@ -17,7 +17,7 @@
 use rayon::prelude::*;
 
 use super::cpu_features;
-use super::packed_bf16::{DisjointColumns, PANEL, PANELS_PER_TASK, TASK_WIDTH, TileKernel, Tiles};
+use super::packed_bf16::{PANEL, Panels, TASK_WIDTH, TileKernel, Tiles};
 
 /// A `[rows, cols]` matrix of 8-bit codes with one scale per row, in panel layout.
 #[derive(Debug, Clone, PartialEq)]
@@ -140,66 +140,34 @@ impl PackedI8 {
         convert: impl Fn(f32) -> T + Sync,
     ) -> Vec<T> {
         assert_eq!(x.len(), inputs * self.cols, "inputs must be inputs × cols");
-        if let Some(bias) = bias {
-            assert_eq!(
-                bias.len(),
-                self.rows,
-                "the bias must have one value per row"
-            );
-        }
         let activations = self.quantize_inputs(x, inputs);
-        let panels = self.rows.div_ceil(PANEL);
-        let tasks = panels.div_ceil(PANELS_PER_TASK);
         let use_simd = cpu_features().avx512_vnni;
-
-        let rows = self.rows;
-        let mut out = vec![T::default(); inputs * rows];
-        let columns = DisjointColumns(out.as_mut_ptr());
-        (0..tasks).into_par_iter().for_each(|task| {
-            let first = task * PANELS_PER_TASK;
-            let count = PANELS_PER_TASK.min(panels - first);
-            let panel_len = self.quads * PANEL;
-            let weights = &self.data[first * panel_len..(first + count) * panel_len];
-            let mut block = vec![0i32; inputs * TASK_WIDTH];
-            self.task(
-                weights,
-                count,
-                &activations.quads,
-                inputs,
-                &mut block,
-                use_simd,
-            );
-            let columns_here = task * TASK_WIDTH..(task * TASK_WIDTH + TASK_WIDTH).min(rows);
-            let scales = &self.scales[columns_here.clone()];
-            // `s · Σ q` and the bias of each column, so that each output takes two
-            // multiply-adds: `s·e · Σ u·q + m · s·Σ q + b`.
-            let offsets: Vec<f32> = scales
-                .iter()
-                .zip(&self.code_sums[columns_here.clone()])
-                .map(|(&s, &sum)| s * sum as f32)
-                .collect();
-            let biases = match bias {
-                Some(bias) => bias[columns_here.clone()].to_vec(),
-                None => vec![0.0; columns_here.len()],
-            };
-            for (input, sums) in block.chunks_exact(TASK_WIDTH).enumerate() {
+        let panels = Panels {
+            data: &self.data,
+            rows: self.rows,
+            panel_len: self.quads * PANEL,
+        };
+        panels.run(
+            inputs,
+            bias,
+            |weights, count, block| {
+                self.task(weights, count, &activations.quads, inputs, block, use_simd);
+            },
+            |input, columns, sums, bias, values| {
                 let (step, minimum) = (activations.steps[input], activations.minimums[input]);
-                // SAFETY: the range lies inside `out`, and no other task writes these
-                // columns.
-                let values =
-                    unsafe { columns.slice(input * rows + columns_here.start, columns_here.len()) };
-                for ((((value, &sum), &scale), &offset), &b) in values
+                let scales = &self.scales[columns.clone()];
+                let code_sums = &self.code_sums[columns];
+                for ((((value, &sum), &scale), &code_sum), &b) in values
                     .iter_mut()
                     .zip(sums)
                     .zip(scales)
-                    .zip(&offsets)
-                    .zip(&biases)
+                    .zip(code_sums)
+                    .zip(bias)
                 {
-                    *value = convert(scale * step * sum as f32 + minimum * offset + b);
+                    *value = convert(scale * (step * sum as f32 + minimum * code_sum as f32) + b);
                 }
-            }
-        });
-        out
+            },
+        )
     }
 
     /// Quantizes each input row to bytes over its own range.
