@@ -139,7 +139,7 @@ pub fn run(args: QuantizeArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// Names what was measured: the code width, and the 8-bit stages when there are any.
+/// Returns the name of what was measured: the code width, and the 8-bit stages if any.
 fn measured_name(kind: &str, vision_int8: bool, prompt_int8: bool) -> String {
     let mut name = kind.to_owned();
     if vision_int8 {

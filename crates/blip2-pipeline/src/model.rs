@@ -329,7 +329,9 @@ impl Blip2Model {
         let layers = self.vision.quantize_per_row()?;
         if layers == 0 {
             return Err(Error::Quantized(
-                "this vision encoder has no layers that can be quantized per row".into(),
+                "this vision encoder has no layers that can be quantized to 8 bits per row; \
+                 load it without --vision-int8 (LoadOptions::vision_int8)"
+                    .into(),
             ));
         }
         // As for the language model: the float32 pages were read once and are not used again.

@@ -217,7 +217,7 @@ impl PackedBf16 {
     }
 }
 
-/// Packed weights as the tasks of a product see them: `rows` outputs in panels of
+/// Packed weights, split among the tasks of a product: `rows` outputs in panels of
 /// [`PANEL`] rows, `panel_len` values each.
 pub(crate) struct Panels<'a> {
     pub(crate) data: &'a [u32],

@@ -1,5 +1,5 @@
 //! 8-bit weights with one scale per output row, packed for `vpdpbusd`, for products
-//! with many input rows (the vision encoder's 257 tokens).
+//! with many input rows (the vision encoder's 257 tokens, a prompt's tokens).
 //!
 //! The instruction multiplies four unsigned bytes by four signed bytes and adds their
 //! sum to a 32-bit lane. The weights `[rows, cols]` are cut into panels of 16 rows.
