@@ -7,7 +7,13 @@
 //! The caption is forced to exactly `--tokens` new tokens (minimum = maximum), greedy.
 //! One caption runs first (reported as `first_caption_s`); the stage timings and the
 //! end-to-end `total_s` are measured after it, each the median of `--repeats` runs.
-//! Peak memory is the process's peak resident set size (`VmHWM`), read at the end.
+//! Peak memory is the process's peak resident set size (`VmHWM`), read before the last
+//! phase.
+//!
+//! The last phase measures decoding against the memory bandwidth of that moment, which
+//! moves by a factor of two on shared machines: `--repeats` times, one read pass over a
+//! 1 GiB buffer on the model's threads, then one caption. It reports the median read
+//! bandwidth and the median time per token of those captions.
 
 use std::time::Instant;
 
@@ -18,6 +24,33 @@ fn peak_rss_bytes() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+/// Bytes of the buffer the read passes sum.
+const PROBE_BYTES: usize = 1 << 30;
+
+/// Times one pass that sums `buffer` on `threads` threads, each over its own slice, and
+/// returns the bytes read per second.
+fn read_bandwidth(buffer: &[u64], threads: usize) -> f64 {
+    let start = Instant::now();
+    let total = std::thread::scope(|scope| {
+        let handles: Vec<_> = buffer
+            .chunks(buffer.len().div_ceil(threads.max(1)))
+            .map(|part| scope.spawn(|| part.iter().fold(0u64, |sum, &v| sum.wrapping_add(v))))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a read thread panicked"))
+            .fold(0u64, u64::wrapping_add)
+    });
+    let seconds = start.elapsed().as_secs_f64();
+    std::hint::black_box(total);
+    std::mem::size_of_val(buffer) as f64 / seconds
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
 }
 
 type Outcome<T> = Result<T, Box<dyn std::error::Error>>;
@@ -121,6 +154,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     })?;
 
     let decode_per_token_s = (generate_s - prefill_s) / (generated.max(2) - 1) as f64;
+    let peak_rss = peak_rss_bytes();
+
+    // Decoding and read passes, taken in turns.
+    let threads = candle_core::utils::get_num_threads();
+    let probe = vec![1u64; PROBE_BYTES / 8];
+    read_bandwidth(&probe, threads);
+    let mut bandwidths = Vec::new();
+    let mut decode_times = Vec::new();
+    for _ in 0..repeats.max(1) {
+        bandwidths.push(read_bandwidth(&probe, threads));
+        let start = Instant::now();
+        let captions = blip2.generate_from_features(&features, &[], &options, None)?;
+        let steps = captions[0][0].token_ids.len().max(2) - 1;
+        decode_times.push((start.elapsed().as_secs_f64() - prefill_s) / steps as f64);
+    }
     let report = serde_json::json!({
         "dtype": format!("{dtype:?}"),
         "quantize": quantize_arg,
@@ -140,7 +188,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "total_s": total_s,
         "repeats": repeats,
         "caption_tokens": caption.token_ids.len(),
-        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_rss_bytes": peak_rss,
+        "read_bandwidth_bytes_per_s": median(bandwidths),
+        "decode_between_reads_per_token_s": median(decode_times),
     });
     println!("{report}");
     Ok(())

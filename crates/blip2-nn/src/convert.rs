@@ -18,28 +18,34 @@ pub(crate) trait Element: Copy + Default + Send + Sync {
 }
 
 impl Element for f32 {
+    #[inline(always)]
     fn to_f32(self) -> f32 {
         self
     }
+    #[inline(always)]
     fn from_f32(value: f32) -> Self {
         value
     }
 }
 
 impl Element for bf16 {
+    #[inline(always)]
     fn to_f32(self) -> f32 {
         bf16::to_f32(self)
     }
     /// Unlike `bf16::from_f32`, this compiles to vector code in loops.
+    #[inline(always)]
     fn from_f32(value: f32) -> Self {
         bf16::from_bits(round_to_bf16(value))
     }
 }
 
 impl Element for f16 {
+    #[inline(always)]
     fn to_f32(self) -> f32 {
         f16::to_f32(self)
     }
+    #[inline(always)]
     fn from_f32(value: f32) -> Self {
         f16::from_f32(value)
     }

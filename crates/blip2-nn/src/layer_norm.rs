@@ -3,6 +3,9 @@ use candle_core::{CpuStorage, CustomOp1, D, DType, Layout, Module, Result, Shape
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+use crate::convert::Element;
+use crate::kernels::vectorized;
+
 /// Layer normalisation over the last dimension, with PyTorch's semantics.
 ///
 /// Mean and variance are computed in two passes with `f64` sums. candle's fused
@@ -97,31 +100,31 @@ struct RowNorm {
 }
 
 impl RowNorm {
+    #[inline(always)]
     fn normalize_row(&self, row: &[f32], out: &mut [f32]) {
         let n = row.len() as f64;
         let mean = if self.remove_mean {
-            row.iter().map(|&v| v as f64).sum::<f64>() / n
+            lane_sum(row, |v| v as f64) / n
         } else {
             0.0
         };
-        let variance = row
-            .iter()
-            .map(|&v| {
-                let centered = v as f64 - mean;
-                centered * centered
-            })
-            .sum::<f64>()
-            / n;
+        let variance = lane_sum(row, |v| {
+            let centered = v as f64 - mean;
+            centered * centered
+        }) / n;
         let inv_std = 1.0 / (variance + self.eps).sqrt();
-        for (i, (o, &v)) in out.iter_mut().zip(row).enumerate() {
-            let mut y = ((v as f64 - mean) * inv_std) as f32;
-            if let Some(w) = &self.weight {
-                y *= w[i];
+        for (o, &v) in out.iter_mut().zip(row) {
+            *o = ((v as f64 - mean) * inv_std) as f32;
+        }
+        if let Some(weight) = &self.weight {
+            for (o, w) in out.iter_mut().zip(weight) {
+                *o *= w;
             }
-            if let Some(b) = &self.bias {
-                y += b[i];
+        }
+        if let Some(bias) = &self.bias {
+            for (o, b) in out.iter_mut().zip(bias) {
+                *o += b;
             }
-            *o = y;
         }
     }
 
@@ -133,18 +136,50 @@ impl RowNorm {
         from_f32: impl Fn(f32) -> T + Sync,
     ) -> Vec<T> {
         let mut dst = src.to_vec();
-        src.par_chunks(width)
-            .zip(dst.par_chunks_mut(width))
-            .for_each(|(row, out)| {
-                let row: Vec<f32> = row.iter().map(|&v| to_f32(v)).collect();
-                let mut normed = vec![0f32; width];
-                self.normalize_row(&row, &mut normed);
-                for (o, v) in out.iter_mut().zip(normed) {
-                    *o = from_f32(v);
-                }
+        let task = width * ROWS_PER_TASK;
+        src.par_chunks(task)
+            .zip(dst.par_chunks_mut(task))
+            .for_each(|(rows, outs)| {
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        let mut row = vec![0f32; width];
+                        let mut normed = vec![0f32; width];
+                        for (input, out) in rows.chunks(width).zip(outs.chunks_mut(width)) {
+                            for (r, &v) in row.iter_mut().zip(input) {
+                                *r = to_f32(v);
+                            }
+                            self.normalize_row(&row, &mut normed);
+                            for (o, &v) in out.iter_mut().zip(&normed) {
+                                *o = from_f32(v);
+                            }
+                        }
+                    },
+                )
             });
         dst
     }
+}
+
+/// Rows per task, enough to outweigh the cost of handing a task to a thread.
+const ROWS_PER_TASK: usize = 8;
+
+/// Partial sums that the compiler keeps in one vector register: a single running sum
+/// would make each addition wait for the one before.
+const LANES: usize = 8;
+
+/// Sums `f` over `row` in `f64`, in `LANES` interleaved partial sums.
+#[inline(always)]
+fn lane_sum(row: &[f32], f: impl Fn(f32) -> f64) -> f64 {
+    let mut lanes = [0f64; LANES];
+    let chunks = row.chunks_exact(LANES);
+    let rest: f64 = chunks.remainder().iter().map(|&v| f(v)).sum();
+    for chunk in chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane += f(v);
+        }
+    }
+    lanes.iter().sum::<f64>() + rest
 }
 
 impl CustomOp1 for RowNorm {
@@ -173,9 +208,12 @@ impl CustomOp1 for RowNorm {
             CpuStorage::F16(v) => {
                 CpuStorage::F16(self.run(&v[start..end], width, f16::to_f32, f16::from_f32))
             }
-            CpuStorage::BF16(v) => {
-                CpuStorage::BF16(self.run(&v[start..end], width, bf16::to_f32, bf16::from_f32))
-            }
+            CpuStorage::BF16(v) => CpuStorage::BF16(self.run(
+                &v[start..end],
+                width,
+                bf16::to_f32,
+                <bf16 as Element>::from_f32,
+            )),
             other => candle_core::bail!("layer norm does not support dtype {:?}", other.dtype()),
         };
         Ok((storage, shape))

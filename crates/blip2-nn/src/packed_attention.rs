@@ -14,8 +14,8 @@ use rayon::prelude::*;
 
 use crate::convert::Element;
 use crate::convert::bf16_values;
-use crate::kernels::cpu_features;
 use crate::kernels::packed_bf16::PackedBf16;
+use crate::kernels::{cpu_features, vectorized};
 
 /// Queries from which the packed path pays for packing each head's keys and values.
 const MIN_QUERIES: usize = 16;
@@ -104,13 +104,35 @@ fn attend(
 
 /// Writes the softmax of one row of scores to `weights`, rounded to bfloat16.
 fn softmax_row(scores: &[f32], weights: &mut [bf16]) {
-    let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-    let exponentials: Vec<f32> = scores
-        .iter()
-        .map(|&s| crate::gelu::exp_negative(s - max))
-        .collect();
-    let inverse = 1.0 / exponentials.iter().sum::<f32>();
-    for (weight, e) in weights.iter_mut().zip(exponentials) {
-        *weight = Element::from_f32(e * inverse);
+    vectorized(
+        #[inline(always)]
+        || {
+            let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+            // Plain loops rather than `collect`, whose code is not inlined here and so would
+            // not be compiled for AVX-512.
+            let mut exponentials = vec![0f32; scores.len()];
+            for (e, &s) in exponentials.iter_mut().zip(scores) {
+                *e = crate::gelu::exp_negative(s - max);
+            }
+            let inverse = 1.0 / lane_sum(&exponentials);
+            for (weight, e) in weights.iter_mut().zip(exponentials) {
+                *weight = Element::from_f32(e * inverse);
+            }
+        },
+    )
+}
+
+/// Sums `values` in 16 interleaved partial sums, which the compiler keeps in one vector
+/// register.
+#[inline(always)]
+fn lane_sum(values: &[f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let chunks = values.chunks_exact(16);
+    let rest: f32 = chunks.remainder().iter().sum();
+    for chunk in chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane += v;
+        }
     }
+    lanes.iter().sum::<f32>() + rest
 }

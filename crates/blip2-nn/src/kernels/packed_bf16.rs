@@ -262,18 +262,24 @@ impl Panels<'_> {
             sums(weights, count, &mut block);
 
             let columns = task * TASK_WIDTH..(task * TASK_WIDTH + TASK_WIDTH).min(rows);
-            for (input, row_sums) in block.chunks_exact(TASK_WIDTH).enumerate() {
-                // SAFETY: the range lies inside `out`, and no other task writes these
-                // columns.
-                let values = unsafe { output.slice(input * rows + columns.start, columns.len()) };
-                finish(
-                    input,
-                    columns.clone(),
-                    row_sums,
-                    &bias[columns.clone()],
-                    values,
-                );
-            }
+            super::vectorized(
+                #[inline(always)]
+                || {
+                    for (input, row_sums) in block.chunks_exact(TASK_WIDTH).enumerate() {
+                        // SAFETY: the range lies inside `out`, and no other task writes these
+                        // columns.
+                        let values =
+                            unsafe { output.slice(input * rows + columns.start, columns.len()) };
+                        finish(
+                            input,
+                            columns.clone(),
+                            row_sums,
+                            &bias[columns.clone()],
+                            values,
+                        );
+                    }
+                },
+            )
         });
         out
     }
@@ -325,6 +331,7 @@ impl Tiles<'_> {
 
 /// `f32` to bfloat16 bits, rounding to nearest even as `half::bf16::from_f32` does,
 /// written without branches on the value so that the compiler vectorises it.
+#[inline(always)]
 pub(crate) fn round_to_bf16(value: f32) -> u16 {
     let bits = value.to_bits();
     // Wrapping: only NaN patterns can overflow, and their result is not used.

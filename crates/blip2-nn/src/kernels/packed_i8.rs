@@ -184,23 +184,24 @@ impl PackedI8 {
             .zip(activations.minimums.par_iter_mut())
             .zip(x.par_chunks(self.cols.max(1)))
             .for_each(|(((packed, step), minimum), row)| {
-                let (low, high) = row
-                    .iter()
-                    .fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| {
-                        (l.min(v), h.max(v))
-                    });
-                let range = high - low;
-                *minimum = low;
-                *step = range / 255.0;
-                let inverse = if range > 0.0 { 255.0 / range } else { 0.0 };
-                let mut codes = vec![0u8; 4 * packed.len()];
-                for (code, &v) in codes.iter_mut().zip(row) {
-                    // `as` saturates to 0..=255.
-                    *code = round_small((v - low) * inverse) as u8;
-                }
-                for (slot, four) in packed.iter_mut().zip(codes.chunks_exact(4)) {
-                    *slot = u32::from_le_bytes([four[0], four[1], four[2], four[3]]);
-                }
+                super::vectorized(
+                    #[inline(always)]
+                    || {
+                        let (low, high) = range_of(row);
+                        let range = high - low;
+                        *minimum = low;
+                        *step = range / 255.0;
+                        let inverse = if range > 0.0 { 255.0 / range } else { 0.0 };
+                        let mut codes = vec![0u8; 4 * packed.len()];
+                        for (code, &v) in codes.iter_mut().zip(row) {
+                            // `as` saturates to 0..=255.
+                            *code = round_small((v - low) * inverse) as u8;
+                        }
+                        for (slot, four) in packed.iter_mut().zip(codes.chunks_exact(4)) {
+                            *slot = u32::from_le_bytes([four[0], four[1], four[2], four[3]]);
+                        }
+                    },
+                )
             });
         activations
     }
@@ -243,9 +244,33 @@ fn weight_code(value: f32, scale: f32) -> i8 {
     round_small(value * inverse).clamp(-127.0, 127.0) as i8
 }
 
+/// Returns the smallest and largest of `values`, from 16 interleaved lanes that the
+/// compiler keeps in vector registers.
+#[inline(always)]
+fn range_of(values: &[f32]) -> (f32, f32) {
+    let mut low = [f32::INFINITY; 16];
+    let mut high = [f32::NEG_INFINITY; 16];
+    let chunks = values.chunks_exact(16);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for ((l, h), &v) in low.iter_mut().zip(&mut high).zip(chunk) {
+            *l = l.min(v);
+            *h = h.max(v);
+        }
+    }
+    let fold = |init: f32, lanes: &[f32], pick: fn(f32, f32) -> f32| {
+        lanes.iter().chain(rest).fold(init, |m, &v| pick(m, v))
+    };
+    (
+        fold(f32::INFINITY, &low, f32::min),
+        fold(f32::NEG_INFINITY, &high, f32::max),
+    )
+}
+
 /// Rounds `value` (of magnitude under 2²²) to the nearest integer, ties to even. Adding
 /// and subtracting 1.5 · 2²³ leaves no fraction bits; unlike `f32::round`, which is a
 /// library call on baseline x86-64, this vectorises.
+#[inline(always)]
 fn round_small(value: f32) -> f32 {
     const SHIFT: f32 = 12_582_912.0;
     (value + SHIFT) - SHIFT
