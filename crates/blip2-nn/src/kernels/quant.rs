@@ -470,7 +470,7 @@ impl QuantMatrix {
             // A prefetch is only a hint: addresses past the end of the codes do not fault.
             let ahead = 2 * (p * group_rows + row_in_group) * block_bytes + PREFETCH_BYTES;
             for line in (0..R * 2 * block_bytes).step_by(64) {
-                _mm_prefetch::<_MM_HINT_T0>(codes.wrapping_add(ahead + line).cast());
+                _mm_prefetch::<_MM_HINT_T1>(codes.wrapping_add(ahead + line).cast());
             }
             let mut weights = [_mm512_setzero_si512(); R];
             let mut weight_scales = [_mm512_setzero_ps(); R];
@@ -580,8 +580,8 @@ impl QuantMatrix {
             // input's codes, corrections and scales.
             unsafe {
                 let pair_codes = codes.add(p * GROUP_ROWS * BLOCK);
-                _mm_prefetch::<_MM_HINT_T0>(pair_codes.wrapping_add(PREFETCH_BYTES).cast());
-                _mm_prefetch::<_MM_HINT_T0>(pair_codes.wrapping_add(PREFETCH_BYTES + 64).cast());
+                _mm_prefetch::<_MM_HINT_T1>(pair_codes.wrapping_add(PREFETCH_BYTES).cast());
+                _mm_prefetch::<_MM_HINT_T1>(pair_codes.wrapping_add(PREFETCH_BYTES + 64).cast());
                 let x_first =
                     _mm512_broadcast_i64x4(_mm256_loadu_si256(x_codes.add(64 * p).cast()));
                 let x_second =
@@ -643,9 +643,12 @@ struct Tile<'a> {
     stride: usize,
 }
 
-/// How far ahead of its reads, in bytes, a kernel tile prefetches its codes.
+/// How far ahead of its reads, in bytes, a kernel tile prefetches its codes. The
+/// prefetches go to L2, which can track more misses than L1. In a timing loop over the
+/// decoding products of 24 OPT-2.7B layers, this took 8-bit decoding from 1.22–1.65× of a
+/// plain read's time to 1.14–1.37×, and 4-bit from 1.26–1.32× to 1.19–1.30×.
 #[cfg(target_arch = "x86_64")]
-const PREFETCH_BYTES: usize = 4096;
+const PREFETCH_BYTES: usize = 8192;
 
 /// Rows per group of the interleaved layout.
 const GROUP_ROWS: usize = 4;
