@@ -10,10 +10,11 @@
 //! Peak memory is the process's peak resident set size (`VmHWM`), read before the last
 //! phase.
 //!
-//! The last phase measures decoding against the memory bandwidth of that moment, which
-//! moves by a factor of two on shared machines: `--repeats` times, one read pass over a
-//! 1 GiB buffer on the model's threads, then one caption. It reports the median read
-//! bandwidth and the median time per token of those captions.
+//! The last phase measures decoding against the memory bandwidth of the same moment,
+//! because the bandwidth of a shared machine can change by a factor of two within
+//! minutes. It runs `--repeats` times one read pass over a 1 GiB buffer, on as many
+//! threads as the model uses, then one caption. It reports the median read bandwidth and
+//! the median time per token of those captions.
 
 use std::time::Instant;
 

@@ -164,8 +164,8 @@ impl RowNorm {
 /// Rows per task, enough to outweigh the cost of handing a task to a thread.
 const ROWS_PER_TASK: usize = 8;
 
-/// Partial sums that the compiler keeps in one vector register: a single running sum
-/// would make each addition wait for the one before.
+/// Partial sums kept side by side. The compiler does not reorder floating-point sums, so
+/// one running sum stays scalar and each addition waits for the one before.
 const LANES: usize = 8;
 
 /// Sums `f` over `row` in `f64`, in `LANES` interleaved partial sums.

@@ -122,8 +122,8 @@ fn softmax_row(scores: &[f32], weights: &mut [bf16]) {
     )
 }
 
-/// Sums `values` in 16 interleaved partial sums, which the compiler keeps in one vector
-/// register.
+/// Sums `values` in 16 interleaved partial sums, which the compiler vectorises where it
+/// would keep one running sum scalar.
 #[inline(always)]
 fn lane_sum(values: &[f32]) -> f32 {
     let mut lanes = [0f32; 16];

@@ -64,9 +64,10 @@ fn detect() -> CpuFeatures {
 }
 
 /// Runs `body` in a function compiled for AVX-512 when the processor has it, so that
-/// the loops the compiler vectorises inside it (GELU, softmax, layer norm, conversions)
-/// use 16 lanes rather than the 4 of the baseline x86-64 target. Rust never fuses a
-/// multiply and an add on its own, so the results are the same bits either way.
+/// the loops the compiler vectorises inside it (GELU, softmax, layer norm, the inputs and
+/// outputs of the packed products) use 512-bit vectors rather than the baseline x86-64
+/// target's 128-bit ones. Rust does not fuse a multiply and an add unless asked to, so
+/// the results are the same bits either way.
 ///
 /// Mark the closure `#[inline(always)]`: only code inlined into the AVX-512 function is
 /// compiled for it, and the compiler does not always inline a large closure by itself.
