@@ -15,6 +15,7 @@
 //! - [`packed_i8`]: 8-bit weights with one scale per row, in panels for `vpdpbusd`, with
 //!   inputs quantized per row; the vision encoder's fastest mode.
 
+mod amx;
 pub mod bf16;
 pub mod packed_bf16;
 pub mod packed_i8;
@@ -104,6 +105,24 @@ pub fn gemv_f32(w: &[f32], x: &[f32], out: &mut [f32], rows: usize, n_out: usize
         .enumerate()
         .for_each(|(task, block)| {
             let first = task * ROWS_PER_TASK;
+            #[cfg(target_arch = "x86_64")]
+            if rows == 1 && features.avx512 {
+                // Decoding: four weight rows read side by side keep more memory reads in
+                // flight than one row at a time, which a single core needs to reach the
+                // machine's bandwidth.
+                let whole = block.len() / DOT_ROWS * DOT_ROWS;
+                for (i, four) in block[..whole].chunks_exact_mut(DOT_ROWS).enumerate() {
+                    let start = (first + DOT_ROWS * i) * k;
+                    // SAFETY: the features were detected at run time.
+                    unsafe {
+                        dots_f32_avx512::<DOT_ROWS>(&w[start..start + DOT_ROWS * k], x, four)
+                    };
+                }
+                for (i, output) in block.iter_mut().enumerate().skip(whole) {
+                    *output = dot_f32(&w[(first + i) * k..(first + i + 1) * k], x, features);
+                }
+                return;
+            }
             for (i, outputs) in block.chunks_mut(rows).enumerate() {
                 let row = &w[(first + i) * k..(first + i + 1) * k];
                 for (m, output) in outputs.iter_mut().enumerate() {
@@ -217,6 +236,38 @@ unsafe fn dot_f32_avx512(a: &[f32], b: &[f32]) -> f32 {
     total
 }
 
+/// Weight rows [`gemv_f32`] reads side by side for a single input row.
+const DOT_ROWS: usize = 4;
+
+/// The dot products of `R` consecutive rows of `w` (`R × x.len()` values) with `x`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dots_f32_avx512<const R: usize>(w: &[f32], x: &[f32], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let k = x.len();
+    assert!(w.len() >= R * k && out.len() >= R);
+    let mut sums = [[_mm512_setzero_ps(); 2]; R];
+    let mut i = 0;
+    while i + 32 <= k {
+        for (half, offset) in [i, i + 16].into_iter().enumerate() {
+            // SAFETY: offset + 16 <= k, within `x` and within each of the R rows of `w`.
+            let vx = unsafe { _mm512_loadu_ps(x.as_ptr().add(offset)) };
+            for (r, row_sums) in sums.iter_mut().enumerate() {
+                let vw = unsafe { _mm512_loadu_ps(w.as_ptr().add(r * k + offset)) };
+                row_sums[half] = _mm512_fmadd_ps(vw, vx, row_sums[half]);
+            }
+        }
+        i += 32;
+    }
+    for (r, row_sums) in sums.iter().enumerate() {
+        let mut total = _mm512_reduce_add_ps(_mm512_add_ps(row_sums[0], row_sums[1]));
+        for c in i..k {
+            total += w[r * k + c] * x[c];
+        }
+        out[r] = total;
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -271,15 +322,19 @@ pub(crate) mod tests {
 
     #[test]
     fn gemm_matches_gemv() {
-        let (rows, n_out, k) = (20, 37, 300);
-        let w = pseudo_random(n_out * k, 11);
-        let x = pseudo_random(rows * k, 12);
-        let mut by_gemm = vec![0f32; rows * n_out];
-        let mut by_gemv = vec![0f32; rows * n_out];
-        gemm_f32(&w, &x, &mut by_gemm, rows, n_out, k);
-        gemv_f32(&w, &x, &mut by_gemv, rows, n_out, k);
-        for (i, (a, b)) in by_gemm.iter().zip(&by_gemv).enumerate() {
-            assert!((a - b).abs() < 1e-4, "output {i}: {a} vs {b}");
+        for (rows, n_out, k) in [(20, 37, 300), (7, 50, 3100)] {
+            let w = pseudo_random(n_out * k, 11);
+            let x = pseudo_random(rows * k, 12);
+            let mut by_gemm = vec![0f32; rows * n_out];
+            let mut by_gemv = vec![0f32; rows * n_out];
+            gemm_f32(&w, &x, &mut by_gemm, rows, n_out, k);
+            gemv_f32(&w, &x, &mut by_gemv, rows, n_out, k);
+            for (i, (a, b)) in by_gemm.iter().zip(&by_gemv).enumerate() {
+                assert!(
+                    (a - b).abs() < 1e-4 * (k as f32).sqrt(),
+                    "{rows}×{n_out}×{k} output {i}: {a} vs {b}"
+                );
+            }
         }
     }
 

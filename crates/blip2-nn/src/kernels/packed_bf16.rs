@@ -8,6 +8,7 @@
 //!
 //! Activations are rounded to bfloat16, as PyTorch does in bfloat16; sums stay in `f32`.
 
+use std::borrow::Cow;
 use std::ops::Range;
 
 use half::bf16;
@@ -151,6 +152,11 @@ impl PackedBf16 {
         assert_eq!(x.len(), inputs * self.cols, "inputs must be inputs × cols");
         let activations = self.activation_pairs(x, inputs);
         let use_simd = cpu_features().avx512_bf16;
+        let amx_rows = if use_simd && super::amx::fits(self.pairs) {
+            super::amx::tile_order(&activations, inputs, self.pairs)
+        } else {
+            Vec::new()
+        };
         let panels = Panels {
             data: &self.data,
             rows: self.rows,
@@ -160,7 +166,12 @@ impl PackedBf16 {
             inputs,
             bias,
             |weights, count, block| {
-                self.task(weights, count, &activations, inputs, block, use_simd);
+                let rows = TaskRows {
+                    all: &activations,
+                    amx: &amx_rows,
+                    inputs,
+                };
+                self.task(weights, count, rows, block, use_simd);
             },
             |_, _, sums, bias, values| {
                 for ((value, &sum), &b) in values.iter_mut().zip(sums).zip(bias) {
@@ -170,8 +181,18 @@ impl PackedBf16 {
         )
     }
 
-    /// Packs the activations as column pairs `[inputs, pairs]`, the last one zero-padded.
-    fn activation_pairs(&self, x: &[bf16], inputs: usize) -> Vec<u32> {
+    /// Returns the activations as column pairs `[inputs, pairs]`, the last one
+    /// zero-padded. That is `x` itself when its width is even and it is aligned for `u32`,
+    /// and a copy otherwise.
+    fn activation_pairs<'x>(&self, x: &'x [bf16], inputs: usize) -> Cow<'x, [u32]> {
+        if self.cols.is_multiple_of(2) && cfg!(target_endian = "little") {
+            // SAFETY: any two bfloat16 bit patterns form a valid `u32`; `align_to` only puts
+            // aligned values in the middle part.
+            let (head, middle, _) = unsafe { x.align_to::<u32>() };
+            if head.is_empty() && middle.len() == inputs * self.pairs {
+                return Cow::Borrowed(middle);
+            }
+        }
         let mut pairs = vec![0u32; inputs * self.pairs];
         for (row, packed) in x
             .chunks(self.cols.max(1))
@@ -182,7 +203,7 @@ impl PackedBf16 {
                 *slot = pair(row[2 * q], high);
             }
         }
-        pairs
+        Cow::Owned(pairs)
     }
 
     /// Computes one task's `count` panels for every input row into `block`.
@@ -190,30 +211,38 @@ impl PackedBf16 {
         &self,
         weights: &[u32],
         count: usize,
-        activations: &[u32],
-        inputs: usize,
+        rows: TaskRows,
         block: &mut [f32],
         use_simd: bool,
     ) {
         #[cfg(target_arch = "x86_64")]
         let simd: Option<[TileKernel<f32>; 4]> = use_simd.then_some([
-            tile_avx512::<8>,
-            tile_avx512::<4>,
-            tile_avx512::<2>,
-            tile_avx512::<1>,
+            tile_avx512::<8, 1>,
+            tile_avx512::<4, 2>,
+            tile_avx512::<2, 4>,
+            tile_avx512::<1, 4>,
         ]);
         #[cfg(not(target_arch = "x86_64"))]
         let simd = {
             let _ = use_simd;
             None
         };
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        let amx: Option<TileKernel<f32>> = Some(super::amx::tile_bf16);
+        #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+        let amx = None;
         let tiles = Tiles {
             weights,
             count,
-            activations,
+            rows,
             width: self.pairs,
         };
-        tiles.run(inputs, block, simd, tile_portable);
+        let kernels = Kernels {
+            amx,
+            simd,
+            portable: tile_portable,
+        };
+        tiles.run(block, kernels);
     }
 }
 
@@ -289,30 +318,58 @@ impl Panels<'_> {
 /// (`width` values each) against `count` panels of `weights` into `out`.
 pub(crate) type TileKernel<S> = unsafe fn(&[u32], usize, &[u32], usize, &mut [S]);
 
+/// The tile kernels a product may use: AMX for 32 input rows, AVX-512 for 8, 4, 2 and 1,
+/// and the portable fallback.
+pub(crate) struct Kernels<S> {
+    pub(crate) amx: Option<TileKernel<S>>,
+    pub(crate) simd: Option<[TileKernel<S>; 4]>,
+    pub(crate) portable: fn(&[u32], usize, &[u32], usize, &mut [S]),
+}
+
+/// The input rows of a product: `all` of them row by row, and the ones that fill whole
+/// AMX tiles again in tile order (empty when the AMX kernels are not used).
+#[derive(Clone, Copy)]
+pub(crate) struct TaskRows<'a> {
+    pub(crate) all: &'a [u32],
+    pub(crate) amx: &'a [u32],
+    pub(crate) inputs: usize,
+}
+
 /// One task's panels and every input row, `width` packed values each.
 pub(crate) struct Tiles<'a> {
     pub(crate) weights: &'a [u32],
     pub(crate) count: usize,
-    pub(crate) activations: &'a [u32],
+    pub(crate) rows: TaskRows<'a>,
     pub(crate) width: usize,
 }
 
 impl Tiles<'_> {
-    /// Cuts the `inputs` rows into tiles of 8, then 4, 2 and 1 for what is left, and runs
-    /// each through `simd` (kernels for 8, 4, 2 and 1 rows) when given, else `portable`.
-    /// `block` receives [`TASK_WIDTH`] sums per input row.
-    pub(crate) fn run<S>(
-        &self,
-        inputs: usize,
-        block: &mut [S],
-        simd: Option<[TileKernel<S>; 4]>,
-        portable: fn(&[u32], usize, &[u32], usize, &mut [S]),
-    ) {
-        let width = self.width;
+    /// Cuts the input rows into tiles of 32 for `amx` (the rows in tile order), then 8, 4,
+    /// 2 and 1 for what is left. Each of those runs through `simd` (kernels for 8, 4, 2
+    /// and 1 rows) when given, else `portable`. `block` receives [`TASK_WIDTH`] sums per
+    /// input row.
+    pub(crate) fn run<S>(&self, block: &mut [S], kernels: Kernels<S>) {
+        let Kernels {
+            amx,
+            simd,
+            portable,
+        } = kernels;
+        let (width, inputs) = (self.width, self.rows.inputs);
         let mut first = 0;
+        if let Some(amx) = amx {
+            let tile = super::amx::ROWS;
+            for group in self.rows.amx.chunks_exact(tile * width) {
+                let out = &mut block[first * TASK_WIDTH..(first + tile) * TASK_WIDTH];
+                first += tile;
+                // SAFETY: tile-ordered rows exist only where the AMX kernels were found
+                // usable at run time for this width. The slices hold `count` panels and
+                // 32 rows.
+                unsafe { amx(self.weights, self.count, group, width, out) };
+            }
+        }
         for (size, tile) in [TILE_ROWS, 4, 2, 1].into_iter().enumerate() {
             while inputs - first >= tile {
-                let rows = &self.activations[first * width..(first + tile) * width];
+                let rows = &self.rows.all[first * width..(first + tile) * width];
                 let out = &mut block[first * TASK_WIDTH..(first + tile) * TASK_WIDTH];
                 first += tile;
                 match simd {
@@ -378,11 +435,13 @@ fn tile_portable(weights: &[u32], count: usize, rows: &[u32], pairs: usize, out:
     }
 }
 
-/// `R` activation rows against one or two panels: `2R` vectors of sums stay in
-/// registers for the whole pass over the columns.
+/// `R` activation rows against one or two panels: `2RU` vectors of sums stay in
+/// registers for the whole pass over the columns. Each step of `U` column pairs adds to
+/// `U` separate sums, so few rows still give the processor independent additions to
+/// overlap instead of one chain of dependent ones.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn tile_avx512<const R: usize>(
+unsafe fn tile_avx512<const R: usize, const U: usize>(
     weights: &[u32],
     count: usize,
     rows: &[u32],
@@ -402,9 +461,11 @@ unsafe fn tile_avx512<const R: usize>(
     } else {
         first
     };
-    let mut low = [_mm512_setzero_ps(); R];
-    let mut high = [_mm512_setzero_ps(); R];
-    for q in 0..pairs {
+    let mut low = [[_mm512_setzero_ps(); R]; U];
+    let mut high = [[_mm512_setzero_ps(); R]; U];
+    // Adds column pair `q` to sums `u`. With `u` a constant of an unrolled loop, the
+    // sums stay in registers.
+    let mut add = |q: usize, u: usize| {
         // SAFETY: q < pairs, so both loads stay within their panel.
         let (w0, w1): (__m512bh, __m512bh) = unsafe {
             (
@@ -420,15 +481,29 @@ unsafe fn tile_avx512<const R: usize>(
             // SAFETY: r < R and q < pairs, within the checked length of `rows`.
             let a = unsafe { *rows.get_unchecked(r * pairs + q) };
             let a: __m512bh = unsafe { std::mem::transmute(_mm512_set1_epi32(a as i32)) };
-            low[r] = _mm512_dpbf16_ps(low[r], a, w0);
-            high[r] = _mm512_dpbf16_ps(high[r], a, w1);
+            low[u][r] = _mm512_dpbf16_ps(low[u][r], a, w0);
+            high[u][r] = _mm512_dpbf16_ps(high[u][r], a, w1);
+        }
+    };
+    let whole = pairs / U * U;
+    for step in (0..whole).step_by(U) {
+        for u in 0..U {
+            add(step + u, u);
         }
     }
+    for q in whole..pairs {
+        add(q, 0);
+    }
     for r in 0..R {
+        let (mut row_low, mut row_high) = (low[0][r], high[0][r]);
+        for u in 1..U {
+            row_low = _mm512_add_ps(row_low, low[u][r]);
+            row_high = _mm512_add_ps(row_high, high[u][r]);
+        }
         // SAFETY: r · 32 + 32 <= out.len(), checked above.
         unsafe {
-            _mm512_storeu_ps(out.as_mut_ptr().add(r * TASK_WIDTH), low[r]);
-            _mm512_storeu_ps(out.as_mut_ptr().add(r * TASK_WIDTH + PANEL), high[r]);
+            _mm512_storeu_ps(out.as_mut_ptr().add(r * TASK_WIDTH), row_low);
+            _mm512_storeu_ps(out.as_mut_ptr().add(r * TASK_WIDTH + PANEL), row_high);
         }
     }
 }
@@ -487,7 +562,15 @@ mod tests {
     #[test]
     fn products_match_widened_sums() {
         // Odd widths, a partial last panel, a single panel and every tile size.
-        for (inputs, rows, cols) in [(1, 70, 100), (15, 33, 257), (3, 16, 64), (20, 48, 31)] {
+        // 70 × 48 × 64 reaches the AMX tiles where there are some, with rows left over and
+        // a task of one panel.
+        for (inputs, rows, cols) in [
+            (1, 70, 100),
+            (15, 33, 257),
+            (3, 16, 64),
+            (20, 48, 31),
+            (70, 48, 64),
+        ] {
             let w = rounded(&pseudo_random(rows * cols, 22));
             let x = rounded(&pseudo_random(inputs * cols, 23));
             let bias = pseudo_random(rows, 24);
@@ -513,6 +596,36 @@ mod tests {
     }
 
     #[test]
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    fn amx_and_portable_tiles_agree() {
+        if !super::super::amx::available() {
+            return;
+        }
+        let (pairs, count, inputs) = (48, 2, super::super::amx::ROWS);
+        let weights: Vec<u32> = rounded(&pseudo_random(count * pairs * PANEL * 2, 28))
+            .chunks(2)
+            .map(|p| pair(p[0], p[1]))
+            .collect();
+        let rows: Vec<u32> = rounded(&pseudo_random(inputs * pairs * 2, 29))
+            .chunks(2)
+            .map(|p| pair(p[0], p[1]))
+            .collect();
+        let mut amx = vec![0f32; inputs * TASK_WIDTH];
+        let mut portable = vec![0f32; inputs * TASK_WIDTH];
+        let ordered = super::super::amx::tile_order(&rows, inputs, pairs);
+        // SAFETY: AMX is available and 48 is a multiple of its step; the slices have the
+        // needed sizes.
+        unsafe { super::super::amx::tile_bf16(&weights, count, &ordered, pairs, &mut amx) };
+        tile_portable(&weights, count, &rows, pairs, &mut portable);
+        for (i, (a, b)) in amx.iter().zip(&portable).enumerate() {
+            assert!(
+                (a - b).abs() < 1e-4 * (1.0 + b.abs()),
+                "sum {i}: {a} vs {b}"
+            );
+        }
+    }
+
+    #[test]
     fn simd_and_portable_tiles_agree() {
         if !cpu_features().avx512_bf16 {
             return;
@@ -529,7 +642,7 @@ mod tests {
         let mut simd = vec![0f32; 8 * TASK_WIDTH];
         let mut portable = vec![0f32; 8 * TASK_WIDTH];
         // SAFETY: the features were checked above; the slices have the needed sizes.
-        unsafe { tile_avx512::<8>(&weights, count, &rows, pairs, &mut simd) };
+        unsafe { tile_avx512::<8, 1>(&weights, count, &rows, pairs, &mut simd) };
         tile_portable(&weights, count, &rows, pairs, &mut portable);
         for (i, (a, b)) in simd.iter().zip(&portable).enumerate() {
             assert!(

@@ -17,7 +17,7 @@
 use rayon::prelude::*;
 
 use super::cpu_features;
-use super::packed_bf16::{PANEL, Panels, TASK_WIDTH, TileKernel, Tiles};
+use super::packed_bf16::{Kernels, PANEL, Panels, TASK_WIDTH, TaskRows, TileKernel, Tiles};
 
 /// A `[rows, cols]` matrix of 8-bit codes with one scale per row, in panel layout.
 #[derive(Debug, Clone, PartialEq)]
@@ -142,6 +142,11 @@ impl PackedI8 {
         assert_eq!(x.len(), inputs * self.cols, "inputs must be inputs × cols");
         let activations = self.quantize_inputs(x, inputs);
         let use_simd = cpu_features().avx512_vnni;
+        let amx_rows = if use_simd && super::amx::fits(self.quads) {
+            super::amx::tile_order(&activations.quads, inputs, self.quads)
+        } else {
+            Vec::new()
+        };
         let panels = Panels {
             data: &self.data,
             rows: self.rows,
@@ -151,7 +156,12 @@ impl PackedI8 {
             inputs,
             bias,
             |weights, count, block| {
-                self.task(weights, count, &activations.quads, inputs, block, use_simd);
+                let rows = TaskRows {
+                    all: &activations.quads,
+                    amx: &amx_rows,
+                    inputs,
+                };
+                self.task(weights, count, rows, block, use_simd);
             },
             |input, columns, sums, bias, values| {
                 let (step, minimum) = (activations.steps[input], activations.minimums[input]);
@@ -192,13 +202,12 @@ impl PackedI8 {
                         *minimum = low;
                         *step = range / 255.0;
                         let inverse = if range > 0.0 { 255.0 / range } else { 0.0 };
-                        let mut codes = vec![0u8; 4 * packed.len()];
-                        for (code, &v) in codes.iter_mut().zip(row) {
-                            // `as` saturates to 0..=255.
-                            *code = round_small((v - low) * inverse) as u8;
-                        }
-                        for (slot, four) in packed.iter_mut().zip(codes.chunks_exact(4)) {
-                            *slot = u32::from_le_bytes([four[0], four[1], four[2], four[3]]);
+                        for (slot, four) in packed.iter_mut().zip(row.chunks(4)) {
+                            let mut codes = [0u8; 4];
+                            for (code, &v) in codes.iter_mut().zip(four) {
+                                *code = activation_code((v - low) * inverse);
+                            }
+                            *slot = u32::from_le_bytes(codes);
                         }
                     },
                 )
@@ -211,30 +220,38 @@ impl PackedI8 {
         &self,
         weights: &[u32],
         count: usize,
-        activations: &[u32],
-        inputs: usize,
+        rows: TaskRows,
         block: &mut [i32],
         use_simd: bool,
     ) {
         #[cfg(target_arch = "x86_64")]
         let simd: Option<[TileKernel<i32>; 4]> = use_simd.then_some([
-            tile_vnni::<8>,
-            tile_vnni::<4>,
-            tile_vnni::<2>,
-            tile_vnni::<1>,
+            tile_vnni::<8, 1>,
+            tile_vnni::<4, 2>,
+            tile_vnni::<2, 4>,
+            tile_vnni::<1, 4>,
         ]);
         #[cfg(not(target_arch = "x86_64"))]
         let simd = {
             let _ = use_simd;
             None
         };
+        #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+        let amx: Option<TileKernel<i32>> = Some(super::amx::tile_i8);
+        #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+        let amx = None;
         let tiles = Tiles {
             weights,
             count,
-            activations,
+            rows,
             width: self.quads,
         };
-        tiles.run(inputs, block, simd, tile_portable);
+        let kernels = Kernels {
+            amx,
+            simd,
+            portable: tile_portable,
+        };
+        tiles.run(block, kernels);
     }
 }
 
@@ -244,26 +261,43 @@ fn weight_code(value: f32, scale: f32) -> i8 {
     round_small(value * inverse).clamp(-127.0, 127.0) as i8
 }
 
+/// Returns the byte code of `scaled`, an activation already mapped to 0..=255: rounded
+/// to the nearest integer, ties to even, and clamped, with NaN mapped to 0.
+#[inline(always)]
+fn activation_code(scaled: f32) -> u8 {
+    // Comparisons rather than `f32::clamp` and a saturating `as`: they compile to plain
+    // vector minimum, maximum and conversion instructions.
+    let clamped = if scaled > 0.0 { scaled } else { 0.0 };
+    let clamped = if clamped < 255.0 { clamped } else { 255.0 };
+    // SAFETY: the value is finite and within 0..=255.
+    unsafe { round_small(clamped).to_int_unchecked::<i32>() as u8 }
+}
+
 /// Returns the smallest and largest of `values`, from 16 interleaved lanes that the
-/// compiler keeps in vector registers.
+/// compiler keeps in vector registers. NaN values are skipped.
 #[inline(always)]
 fn range_of(values: &[f32]) -> (f32, f32) {
+    // Comparisons rather than `f32::min` and `f32::max`, whose NaN rule costs extra
+    // instructions per value.
+    let lower = |m: f32, v: f32| if v < m { v } else { m };
+    let higher = |m: f32, v: f32| if v > m { v } else { m };
     let mut low = [f32::INFINITY; 16];
     let mut high = [f32::NEG_INFINITY; 16];
     let chunks = values.chunks_exact(16);
     let rest = chunks.remainder();
     for chunk in chunks {
         for ((l, h), &v) in low.iter_mut().zip(&mut high).zip(chunk) {
-            *l = l.min(v);
-            *h = h.max(v);
+            *l = lower(*l, v);
+            *h = higher(*h, v);
         }
     }
-    let fold = |init: f32, lanes: &[f32], pick: fn(f32, f32) -> f32| {
-        lanes.iter().chain(rest).fold(init, |m, &v| pick(m, v))
-    };
     (
-        fold(f32::INFINITY, &low, f32::min),
-        fold(f32::NEG_INFINITY, &high, f32::max),
+        low.iter()
+            .chain(rest)
+            .fold(f32::INFINITY, |m, &v| lower(m, v)),
+        high.iter()
+            .chain(rest)
+            .fold(f32::NEG_INFINITY, |m, &v| higher(m, v)),
     )
 }
 
@@ -300,11 +334,12 @@ fn tile_portable(weights: &[u32], count: usize, rows: &[u32], quads: usize, out:
     }
 }
 
-/// `R` activation rows against one or two panels: `2R` vectors of sums stay in
-/// registers for the whole pass over the columns.
+/// `R` activation rows against one or two panels: `2RU` vectors of sums stay in
+/// registers for the whole pass over the columns, `U` per row and panel so that few rows
+/// still give the processor independent additions to overlap.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vnni")]
-unsafe fn tile_vnni<const R: usize>(
+unsafe fn tile_vnni<const R: usize, const U: usize>(
     weights: &[u32],
     count: usize,
     rows: &[u32],
@@ -325,9 +360,11 @@ unsafe fn tile_vnni<const R: usize>(
         first
     };
 
-    let mut low = [_mm512_setzero_si512(); R];
-    let mut high = [_mm512_setzero_si512(); R];
-    for j in 0..quads {
+    let mut low = [[_mm512_setzero_si512(); R]; U];
+    let mut high = [[_mm512_setzero_si512(); R]; U];
+    // Adds quad `j` to sums `u`, a constant of an unrolled loop, so the sums stay in
+    // registers.
+    let mut add = |j: usize, u: usize| {
         // SAFETY: j < quads, so both loads stay within their panel.
         let (w0, w1) = unsafe {
             (
@@ -338,16 +375,33 @@ unsafe fn tile_vnni<const R: usize>(
         for r in 0..R {
             // SAFETY: r < R and j < quads, within the checked length of `rows`.
             let a = _mm512_set1_epi32(unsafe { *rows.get_unchecked(r * quads + j) } as i32);
-            low[r] = _mm512_dpbusd_epi32(low[r], a, w0);
-            high[r] = _mm512_dpbusd_epi32(high[r], a, w1);
+            low[u][r] = _mm512_dpbusd_epi32(low[u][r], a, w0);
+            high[u][r] = _mm512_dpbusd_epi32(high[u][r], a, w1);
         }
+    };
+    let whole = quads / U * U;
+    for step in (0..whole).step_by(U) {
+        for u in 0..U {
+            add(step + u, u);
+        }
+    }
+    for j in whole..quads {
+        add(j, 0);
     }
 
     for r in 0..R {
+        let (mut row_low, mut row_high) = (low[0][r], high[0][r]);
+        for u in 1..U {
+            row_low = _mm512_add_epi32(row_low, low[u][r]);
+            row_high = _mm512_add_epi32(row_high, high[u][r]);
+        }
         // SAFETY: r · 32 + 32 <= out.len(), checked above.
         unsafe {
-            _mm512_storeu_si512(out.as_mut_ptr().add(r * TASK_WIDTH).cast(), low[r]);
-            _mm512_storeu_si512(out.as_mut_ptr().add(r * TASK_WIDTH + PANEL).cast(), high[r]);
+            _mm512_storeu_si512(out.as_mut_ptr().add(r * TASK_WIDTH).cast(), row_low);
+            _mm512_storeu_si512(
+                out.as_mut_ptr().add(r * TASK_WIDTH + PANEL).cast(),
+                row_high,
+            );
         }
     }
 }
@@ -361,7 +415,15 @@ mod tests {
     fn products_match_dequantized_values() {
         // Widths not a multiple of four, a partial last panel, one panel, every tile size,
         // a constant input row and an all-zero weight row.
-        for (inputs, rows, cols) in [(1, 70, 100), (15, 33, 257), (3, 16, 64), (20, 48, 31)] {
+        // 70 × 48 × 128 reaches the AMX tiles where there are some, with rows left over
+        // and a task of one panel.
+        for (inputs, rows, cols) in [
+            (1, 70, 100),
+            (15, 33, 257),
+            (3, 16, 64),
+            (20, 48, 31),
+            (70, 48, 128),
+        ] {
             let mut w = pseudo_random(rows * cols, 31);
             w[..cols].fill(0.0);
             let mut x: Vec<f32> = pseudo_random(inputs * cols, 32)
@@ -425,25 +487,46 @@ mod tests {
         assert!(PackedI8::quantize(&[0.0; 5], 2, 3).is_err());
     }
 
+    /// `len` quads of pseudo-random bytes (all 256 values as unsigned, -127..=127 as signed).
+    fn quad_bytes(len: usize, seed: u64) -> Vec<u32> {
+        pseudo_random(len * 4, seed)
+            .chunks(4)
+            .map(|c| u32::from_le_bytes([0, 1, 2, 3].map(|i| (c[i] * 127.0) as i8 as u8)))
+            .collect()
+    }
+
     #[test]
     fn simd_and_portable_tiles_agree() {
         if !cpu_features().avx512_vnni {
             return;
         }
         let (quads, count) = (50, 2);
-        let bytes = |len: usize, seed: u64| -> Vec<u32> {
-            pseudo_random(len * 4, seed)
-                .chunks(4)
-                .map(|c| u32::from_le_bytes([0, 1, 2, 3].map(|i| (c[i] * 127.0) as i8 as u8)))
-                .collect()
-        };
-        let weights = bytes(count * quads * PANEL, 35);
-        let rows = bytes(8 * quads, 36);
+        let weights = quad_bytes(count * quads * PANEL, 35);
+        let rows = quad_bytes(8 * quads, 36);
         let mut simd = vec![0i32; 8 * TASK_WIDTH];
         let mut portable = vec![0i32; 8 * TASK_WIDTH];
         // SAFETY: the features were checked above; the slices have the needed sizes.
-        unsafe { tile_vnni::<8>(&weights, count, &rows, quads, &mut simd) };
+        unsafe { tile_vnni::<8, 1>(&weights, count, &rows, quads, &mut simd) };
         tile_portable(&weights, count, &rows, quads, &mut portable);
         assert_eq!(simd, portable);
+    }
+
+    #[test]
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    fn amx_and_portable_tiles_agree() {
+        if !super::super::amx::available() {
+            return;
+        }
+        let (quads, count, inputs) = (48, 2, super::super::amx::ROWS);
+        let weights = quad_bytes(count * quads * PANEL, 37);
+        let rows = quad_bytes(inputs * quads, 38);
+        let mut amx = vec![0i32; inputs * TASK_WIDTH];
+        let mut portable = vec![0i32; inputs * TASK_WIDTH];
+        let ordered = super::super::amx::tile_order(&rows, inputs, quads);
+        // SAFETY: AMX is available and 48 is a multiple of its step; the slices have the
+        // needed sizes.
+        unsafe { super::super::amx::tile_i8(&weights, count, &ordered, quads, &mut amx) };
+        tile_portable(&weights, count, &rows, quads, &mut portable);
+        assert_eq!(amx, portable);
     }
 }

@@ -866,7 +866,13 @@ mod tests {
     #[test]
     fn products_match_dequantized_weights() {
         // 96 columns: one pair of blocks and one unpaired block per row.
-        for (rows, cols, inputs) in [(70, 96, 1), (130, 256, 3), (64, 2560, 2), (67, 160, 11)] {
+        for (rows, cols, inputs) in [
+            (70, 96, 1),
+            (130, 256, 3),
+            (64, 2560, 2),
+            (67, 160, 11),
+            (40, 2560, 1),
+        ] {
             let w = pseudo_random(rows * cols, 6);
             let x = pseudo_random(inputs * cols, 7);
             for kind in [QuantKind::Q8, QuantKind::Q4] {
