@@ -13,7 +13,7 @@
 //! AVX-512 kernels, and uses these only when the width is a multiple of one tile step.
 //!
 //! Rust has no stable AMX intrinsics, so the instructions are written in `asm!`. Linux
-//! gives a process the tile registers only after it asks (`arch_prctl`), once.
+//! gives a process the tile registers only after it requests them (`arch_prctl`), once.
 
 use rayon::prelude::*;
 
@@ -83,10 +83,14 @@ pub(crate) fn tile_order(rows: &[u32], inputs: usize, width: usize) -> Vec<u32> 
     ordered
 }
 
-/// Returns whether a product `width` packed values wide (pairs or quads) can use the AMX
-/// kernels.
-pub(crate) fn fits(width: usize) -> bool {
-    width.is_multiple_of(STEP) && available()
+/// Returns the rows in [`tile_order`] when a product `width` packed values wide (pairs or
+/// quads) can use the AMX kernels (`simd`: its AVX-512 kernels can run too), else nothing.
+pub(crate) fn rows_for_tiles(simd: bool, rows: &[u32], inputs: usize, width: usize) -> Vec<u32> {
+    if simd && width.is_multiple_of(STEP) && available() {
+        tile_order(rows, inputs, width)
+    } else {
+        Vec::new()
+    }
 }
 
 /// The tile configuration: palette 1, all eight tiles 16 rows of 64 bytes.
@@ -131,18 +135,8 @@ pub(crate) unsafe fn tile_bf16(
     width: usize,
     out: &mut [f32],
 ) {
-    // SAFETY: as the caller guarantees; `f32` and `i32` sums are both four bytes.
-    unsafe {
-        tiles(
-            Product::Bf16,
-            weights,
-            count,
-            rows,
-            width,
-            out.as_mut_ptr().cast(),
-            out.len(),
-        )
-    }
+    // SAFETY: as the caller guarantees.
+    unsafe { tiles(Product::Bf16, weights, count, rows, width, out) }
 }
 
 /// Multiplies 32 input rows of unsigned byte quads (in [`tile_order`]) by `count` panels
@@ -159,37 +153,30 @@ pub(crate) unsafe fn tile_i8(
     out: &mut [i32],
 ) {
     // SAFETY: as the caller guarantees.
-    unsafe {
-        tiles(
-            Product::UnsignedSigned,
-            weights,
-            count,
-            rows,
-            width,
-            out.as_mut_ptr().cast(),
-            out.len(),
-        )
-    }
+    unsafe { tiles(Product::UnsignedSigned, weights, count, rows, width, out) }
 }
 
-/// Runs one kernel call with `product`. Tile registers: tmm0 and tmm1 hold input rows
+/// Runs one kernel call with `product`, whose sums (`f32` or `i32`, four bytes each) go
+/// to `out`. Tile registers: tmm0 and tmm1 hold input rows
 /// 0-15 and 16-31, tmm2 and tmm3 the two panels' weights, tmm4-tmm7 the sums (rows 0-15
 /// × panel 0, × panel 1, rows 16-31 × panel 0, × panel 1).
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-unsafe fn tiles(
+unsafe fn tiles<S>(
     product: Product,
     weights: &[u32],
     count: usize,
     rows: &[u32],
     width: usize,
-    out: *mut u32,
-    out_len: usize,
+    out: &mut [S],
 ) {
     use std::arch::asm;
-    assert!(width.is_multiple_of(STEP) && (count == 1 || count == 2));
+    assert_eq!(std::mem::size_of::<S>(), 4, "tile sums are four bytes");
+    assert!(width.is_multiple_of(STEP));
+    assert!(count == 1 || count == 2);
     assert!(weights.len() >= count * width * PANEL);
     assert!(rows.len() >= ROWS * width);
-    assert!(out_len >= ROWS * TASK_WIDTH);
+    assert!(out.len() >= ROWS * TASK_WIDTH);
+
     let first = weights.as_ptr();
     // With one panel the second product repeats it; those sums are never read.
     let second = if count == 2 {
@@ -199,8 +186,10 @@ unsafe fn tiles(
         first
     };
     let config = TileConfig::sixteen_by_sixty_four();
-    // SAFETY (all asm): the configuration is valid and AMX enabled (the caller's promise);
-    // each load reads 16 rows of 64 bytes inside `rows` or a panel (k < width, checked
+    let out = out.as_mut_ptr();
+
+    // SAFETY (all asm): the configuration is valid and the caller promises AMX is enabled.
+    // Each load reads 16 rows of 64 bytes inside `rows` or a panel (k < width, checked
     // lengths above), and each store writes 16 rows of 64 bytes inside `out`.
     unsafe {
         asm!(
@@ -212,6 +201,7 @@ unsafe fn tiles(
             config = in(reg) config.0.as_ptr(),
             options(nostack, readonly),
         );
+
         for k in (0..width).step_by(STEP) {
             let a0 = rows.as_ptr().add(k * ROWS);
             let a1 = a0.add(16 * STEP);
@@ -243,6 +233,7 @@ unsafe fn tiles(
                 Product::UnsignedSigned => step!("tdpbusd"),
             }
         }
+
         let out_stride = TASK_WIDTH * 4;
         asm!(
             "tilestored [{c00} + {stride}], tmm4",

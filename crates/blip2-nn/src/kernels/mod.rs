@@ -239,13 +239,15 @@ unsafe fn dot_f32_avx512(a: &[f32], b: &[f32]) -> f32 {
 /// Weight rows [`gemv_f32`] reads side by side for a single input row.
 const DOT_ROWS: usize = 4;
 
-/// The dot products of `R` consecutive rows of `w` (`R × x.len()` values) with `x`.
+/// Writes to `out` the dot products of `R` consecutive rows of `w` (`R × x.len()`
+/// values) with `x`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn dots_f32_avx512<const R: usize>(w: &[f32], x: &[f32], out: &mut [f32]) {
     use std::arch::x86_64::*;
     let k = x.len();
-    assert!(w.len() >= R * k && out.len() >= R);
+    assert!(w.len() >= R * k);
+    assert!(out.len() >= R);
     let mut sums = [[_mm512_setzero_ps(); 2]; R];
     let mut i = 0;
     while i + 32 <= k {

@@ -152,11 +152,7 @@ impl PackedBf16 {
         assert_eq!(x.len(), inputs * self.cols, "inputs must be inputs × cols");
         let activations = self.activation_pairs(x, inputs);
         let use_simd = cpu_features().avx512_bf16;
-        let amx_rows = if use_simd && super::amx::fits(self.pairs) {
-            super::amx::tile_order(&activations, inputs, self.pairs)
-        } else {
-            Vec::new()
-        };
+        let amx_rows = super::amx::rows_for_tiles(use_simd, &activations, inputs, self.pairs);
         let panels = Panels {
             data: &self.data,
             rows: self.rows,

@@ -142,11 +142,7 @@ impl PackedI8 {
         assert_eq!(x.len(), inputs * self.cols, "inputs must be inputs × cols");
         let activations = self.quantize_inputs(x, inputs);
         let use_simd = cpu_features().avx512_vnni;
-        let amx_rows = if use_simd && super::amx::fits(self.quads) {
-            super::amx::tile_order(&activations.quads, inputs, self.quads)
-        } else {
-            Vec::new()
-        };
+        let amx_rows = super::amx::rows_for_tiles(use_simd, &activations.quads, inputs, self.quads);
         let panels = Panels {
             data: &self.data,
             rows: self.rows,
