@@ -34,9 +34,9 @@ pub struct ModelArgs {
     #[arg(long, value_name = "q8|q4|FILE")]
     pub quantize: Option<String>,
 
-    /// Drop each stage's f32 weights from memory after it runs, so that peak memory is
-    /// about the language model's size alone; later images read the weights back from
-    /// the operating system's file cache, which takes time.
+    /// Drop the vision encoder's f32 weights from memory layer by layer as it runs, and
+    /// the Q-Former's after each image, so that peak memory is about the language
+    /// model's size alone. Each image reads them back from the file cache.
     #[arg(long)]
     pub low_memory: bool,
 

@@ -17,8 +17,9 @@ pub fn additive_mask_value() -> f32 {
 /// `[batch, heads, q_len, kv_len]`. Scores and softmax are computed in `f32` whatever
 /// the input dtype; the result has the dtype of `value`, shape `[batch, heads, q_len,
 /// head_dim]`. A single query on the CPU (a decoding step) takes one fused pass that
-/// also keeps the products in `f32`. Many bfloat16 queries without a mask on a CPU with
-/// AVX-512 BF16 (the vision encoder) take the packed bfloat16 kernel head by head.
+/// also keeps the products in `f32`. Many queries without a mask (the vision encoder)
+/// go head by head through the packed bfloat16 kernel on a CPU with AVX-512 BF16, or in
+/// `f32` through the AVX-512 float32 kernel.
 pub fn scaled_dot_product_attention(
     query: &Tensor,
     key: &Tensor,
@@ -128,6 +129,24 @@ mod tests {
                 crate::packed_attention::packed_attention(query, &key, &value, mask, 0.2).unwrap();
             assert!(result.is_none());
         }
+    }
+
+    #[test]
+    fn head_by_head_f32_attention_matches_tensor_ops() {
+        if !crate::kernels::cpu_features().avx512 {
+            return;
+        }
+        let device = Device::Cpu;
+        let shape = (2, 3, 37, 24);
+        let [query, key, value] =
+            [0, 1, 2].map(|_| Tensor::randn(0f32, 1.0, shape, &device).unwrap());
+        let by_head = crate::packed_attention::packed_attention(&query, &key, &value, None, 0.2)
+            .unwrap()
+            .expect("the head-by-head path applies");
+        assert_eq!(by_head.dtype(), DType::F32);
+        let expected = attention_by_tensor_ops(&query, &key, &value, None, 0.2).unwrap();
+        let difference = max_abs_difference(&by_head, &expected);
+        assert!(difference < 1e-5, "difference {difference}");
     }
 
     #[test]

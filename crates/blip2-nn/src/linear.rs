@@ -2,9 +2,9 @@
 //! exactly as `torch.nn.Linear` stores them.
 //!
 //! On the CPU, products with a few input rows (decoding: one row per sequence) use the
-//! bandwidth-bound kernels of [`crate::kernels`] for `f32` and `bf16` weights; larger
-//! products go through the `gemm` crate (directly for weights read in place from the
-//! mapped checkpoint, through candle otherwise). Weights can be quantized to 8 or 4 bits
+//! bandwidth-bound kernels of [`crate::kernels`] for `f32` and `bf16` weights. Larger
+//! products with `f32` weights read in place from the mapped checkpoint go through
+//! [`crate::kernels::gemm_f32`] (AVX-512 or the `gemm` crate), others through candle. Weights can be quantized to 8 or 4 bits
 //! ([`Linear::quantize`]), after which every product uses the int8 kernels. They can
 //! also be stored in 8 bits with one scale per row ([`Linear::quantize_per_row`]), or
 //! get such a copy for products with many rows ([`Linear::add_int8_for_many_rows`]).
@@ -269,6 +269,15 @@ impl Linear {
         self.weight = Weight::PackedI8(Arc::new(packed));
         self.many_rows = None;
         Ok(true)
+    }
+
+    /// Drops this layer's weight pages from the process's memory when the weights are read
+    /// in place from the checkpoint (see [`crate::MappedTensors::release`]). The next
+    /// product reads them back from the file cache. Weights held in memory stay.
+    pub fn release_mapped_pages(&self) {
+        if let Weight::Mapped(mapped) = &self.weight {
+            mapped.release();
+        }
     }
 
     /// Adds a copy of the weights quantized to 8 bits per row ([`PackedI8`]), which

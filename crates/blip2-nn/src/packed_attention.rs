@@ -1,28 +1,30 @@
-//! Attention of many queries in bfloat16 on the CPU, head by head with the packed
-//! bfloat16 kernel, as the vision encoder needs it.
+//! Attention of many queries on the CPU, head by head with the packed bfloat16 kernel
+//! or the AVX-512 float32 one, as the vision encoder needs it.
 //!
 //! Through tensor operations the scores take candle's bfloat16 product, are rounded to
 //! bfloat16, and pass through separate conversion, scaling and softmax operations over
 //! the whole `[batch, heads, queries, keys]` array. Here each head is one task: its keys
 //! and values are packed once, its scores stay in `f32` from the product through the
 //! softmax, and only the softmax weights are rounded to bfloat16 for the product with
-//! the values.
+//! the values. In float32 the same head-by-head order keeps each head's scores in the
+//! cache and runs both products on the AVX-512 kernel rather than the `gemm` crate's.
 
 use candle_core::{DType, Result, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
 use crate::convert::Element;
-use crate::convert::bf16_values;
+use crate::convert::{bf16_values, f32_values};
 use crate::kernels::packed_bf16::PackedBf16;
-use crate::kernels::{cpu_features, vectorized};
+use crate::kernels::{cpu_features, gemm_f32, vectorized};
 
 /// Queries from which the packed path pays for packing each head's keys and values.
 const MIN_QUERIES: usize = 16;
 
-/// Computes `softmax(scale · q·kᵀ) · v` for bfloat16 `[batch, heads, positions,
-/// head_dim]` operands without a mask, or returns `None` where this path does not apply
-/// (another device or dtype, a mask, few queries, no AVX-512 BF16).
+/// Computes `softmax(scale · q·kᵀ) · v` for bfloat16 or float32 `[batch, heads,
+/// positions, head_dim]` operands without a mask, or returns `None` where this path does
+/// not apply (another device or dtype, a mask, few queries, no AVX-512 BF16 for bfloat16
+/// or no AVX-512 for float32).
 pub(crate) fn packed_attention(
     query: &Tensor,
     key: &Tensor,
@@ -30,10 +32,12 @@ pub(crate) fn packed_attention(
     mask: Option<&Tensor>,
     scale: f64,
 ) -> Result<Option<Tensor>> {
+    let all = |dtype| [query, key, value].iter().all(|t| t.dtype() == dtype);
+    let features = cpu_features();
+    let f32_applies = all(DType::F32) && features.avx512;
     let applies = mask.is_none()
         && query.device().is_cpu()
-        && [query, key, value].iter().all(|t| t.dtype() == DType::BF16)
-        && cpu_features().avx512_bf16;
+        && (f32_applies || (all(DType::BF16) && features.avx512_bf16));
     if !applies {
         return Ok(None);
     }
@@ -50,18 +54,61 @@ pub(crate) fn packed_attention(
     if queries < MIN_QUERIES || keys == 0 || head_dim == 0 {
         return Ok(None);
     }
-    let (q, k, v) = (bf16_values(query)?, bf16_values(key)?, bf16_values(value)?);
-    let mut out = vec![bf16::ZERO; batch * heads * queries * head_dim];
-    out.par_chunks_mut(queries * head_dim)
+    let shape = Shape {
+        heads: batch * heads,
+        queries,
+        keys,
+        head_dim,
+    };
+    let scale = scale as f32;
+    let out = if f32_applies {
+        let (q, k, v) = (f32_values(query)?, f32_values(key)?, f32_values(value)?);
+        let out = head_by_head(&q, &k, &v, shape, |q, k, v, out| {
+            attend_f32(q, k, v, queries, keys, head_dim, scale, out);
+            Ok(())
+        })?;
+        Tensor::from_vec(out, (batch, heads, queries, head_dim), query.device())
+    } else {
+        let (q, k, v) = (bf16_values(query)?, bf16_values(key)?, bf16_values(value)?);
+        let out = head_by_head(&q, &k, &v, shape, |q, k, v, out| {
+            attend(q, k, v, queries, keys, head_dim, scale, out)
+        })?;
+        Tensor::from_vec(out, (batch, heads, queries, head_dim), query.device())
+    };
+    out.map(Some)
+}
+
+/// Sizes of the attention operands, with batch and heads merged.
+#[derive(Clone, Copy)]
+struct Shape {
+    heads: usize,
+    queries: usize,
+    keys: usize,
+    head_dim: usize,
+}
+
+/// Runs `attend(q, k, v, out)` on each head's slices, one task per head, and returns
+/// the outputs `[heads, queries, head_dim]`.
+fn head_by_head<T: Element>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    shape: Shape,
+    attend: impl Fn(&[T], &[T], &[T], &mut [T]) -> std::result::Result<(), String> + Sync,
+) -> Result<Vec<T>> {
+    let query_size = shape.queries * shape.head_dim;
+    let key_size = shape.keys * shape.head_dim;
+    let mut out = vec![T::default(); shape.heads * query_size];
+    out.par_chunks_mut(query_size)
         .enumerate()
         .try_for_each(|(head, out)| {
-            let q = &q[head * queries * head_dim..(head + 1) * queries * head_dim];
-            let k = &k[head * keys * head_dim..(head + 1) * keys * head_dim];
-            let v = &v[head * keys * head_dim..(head + 1) * keys * head_dim];
-            attend(q, k, v, queries, keys, head_dim, scale as f32, out)
+            let q = &q[head * query_size..(head + 1) * query_size];
+            let k = &k[head * key_size..(head + 1) * key_size];
+            let v = &v[head * key_size..(head + 1) * key_size];
+            attend(q, k, v, out)
         })
         .map_err(candle_core::Error::Msg)?;
-    Tensor::from_vec(out, (batch, heads, queries, head_dim), query.device()).map(Some)
+    Ok(out)
 }
 
 /// Attends one head: `q` `[queries, head_dim]`, `k` and `v` `[keys, head_dim]`, into
@@ -85,13 +132,7 @@ fn attend(
     {
         softmax_row(row, weights);
     }
-    // The value product reads `v` transposed: one weight row per output feature.
-    let mut transposed = vec![bf16::ZERO; head_dim * keys];
-    for (j, row) in v.chunks_exact(head_dim).enumerate() {
-        for (c, &value) in row.iter().enumerate() {
-            transposed[c * keys + j] = value;
-        }
-    }
+    let transposed = transpose(v, keys, head_dim);
     let attended = PackedBf16::from_bf16(&transposed, head_dim, keys)?.matmul(
         &weights,
         queries,
@@ -102,8 +143,54 @@ fn attend(
     Ok(())
 }
 
-/// Writes the softmax of one row of scores to `weights`, rounded to bfloat16.
-fn softmax_row(scores: &[f32], weights: &mut [bf16]) {
+/// Attends one head as [`attend`] does, in float32 throughout.
+#[allow(clippy::too_many_arguments)]
+fn attend_f32(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    queries: usize,
+    keys: usize,
+    head_dim: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let mut scores = vec![0f32; queries * keys];
+    gemm_f32(k, q, &mut scores, queries, keys, head_dim);
+    let mut weights = vec![0f32; queries * keys];
+    for (row, weights) in scores
+        .chunks_exact_mut(keys)
+        .zip(weights.chunks_exact_mut(keys))
+    {
+        for score in row.iter_mut() {
+            *score *= scale;
+        }
+        softmax_row(row, weights);
+    }
+    gemm_f32(
+        &transpose(v, keys, head_dim),
+        &weights,
+        out,
+        queries,
+        head_dim,
+        keys,
+    );
+}
+
+/// Transposes `values` `[rows, cols]` to `[cols, rows]`, because the value product
+/// reads one row per output feature.
+fn transpose<T: Copy + Default>(values: &[T], rows: usize, cols: usize) -> Vec<T> {
+    let mut transposed = vec![T::default(); rows * cols];
+    for (j, row) in values.chunks_exact(cols).enumerate() {
+        for (c, &value) in row.iter().enumerate() {
+            transposed[c * rows + j] = value;
+        }
+    }
+    transposed
+}
+
+/// Writes the softmax of one row of scores to `weights`, rounded to the weights' type.
+fn softmax_row<T: Element>(scores: &[f32], weights: &mut [T]) {
     vectorized(
         #[inline(always)]
         || {
@@ -116,7 +203,7 @@ fn softmax_row(scores: &[f32], weights: &mut [bf16]) {
             }
             let inverse = 1.0 / lane_sum(&exponentials);
             for (weight, e) in weights.iter_mut().zip(exponentials) {
-                *weight = Element::from_f32(e * inverse);
+                *weight = T::from_f32(e * inverse);
             }
         },
     )

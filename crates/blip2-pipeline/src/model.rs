@@ -391,23 +391,19 @@ impl Blip2Model {
         }
     }
 
-    /// Whether to drop each stage's weights from memory once it has run (see
-    /// [`crate::LoadOptions::low_memory`]); only weights read in place (`f32` on the CPU)
-    /// can be dropped.
+    /// Whether to keep peak memory near the language model's size (see
+    /// [`crate::LoadOptions::low_memory`]): the vision encoder drops each layer's weights
+    /// as soon as it has run, and the Q-Former its weights after each image. Only weights
+    /// read in place (`f32` on the CPU) can be dropped.
     pub fn set_release_weights_after_use(&mut self, release: bool) {
         self.release_after_use = release;
+        self.vision.set_release_layers_after_use(release);
     }
 
     fn release(&self, prefix: &str) {
         if let (true, Some(mapped)) = (self.release_after_use, &self.mapped) {
             mapped.release(prefix);
         }
-    }
-
-    /// Called when a generation is over: drops the language model's weights from memory
-    /// in low-memory mode.
-    pub fn language_model_done(&self) {
-        self.release("language_model.");
     }
 
     /// How many images the vision encoder has processed since loading.

@@ -30,12 +30,12 @@ pub struct LoadOptions {
     /// [`Blip2::save_quantized_language_model`] (`blip2 quantize`) instead of quantizing
     /// at load. Cannot be combined with `quantize`.
     pub quantized_weights: Option<PathBuf>,
-    /// Drop each stage's weights from this process's memory after it runs (vision
-    /// encoder and Q-Former after encoding an image, the language model after each
-    /// generation). Applies to `f32` weights read in place from the checkpoint. Peak
-    /// memory falls to about the largest stage (the language model); every image and
-    /// generation then reads its stage's weights back from the operating system's file
-    /// cache, which costs time.
+    /// Keep the image side's weights out of this process's memory once they have run:
+    /// the vision encoder drops each layer's weights right after the layer, the Q-Former
+    /// its weights after each image. The language model stays resident. Applies to `f32`
+    /// weights read in place from the checkpoint. Peak memory falls to about the language
+    /// model's size. Every image reads the image side's weights back from the operating
+    /// system's file cache as page faults, which cost little next to the products.
     pub low_memory: bool,
     /// Quantize the vision encoder's fully connected layers to 8 bits per output row,
     /// with their inputs quantized per token as they run (CPU only). Faster on CPUs with
@@ -394,10 +394,7 @@ impl Blip2 {
                 self.prompt_input(&language_inputs(features)?.get(i)?, prompt, options)
             })
             .collect::<Result<Vec<_>>>()?;
-        let outputs =
-            generation::generate(self.model.language_model()?, &inputs, options, on_token);
-        self.model.language_model_done();
-        outputs?
+        generation::generate(self.model.language_model()?, &inputs, options, on_token)?
             .into_iter()
             .map(|sequences| {
                 sequences
@@ -431,9 +428,10 @@ impl Blip2 {
                 )
             })
             .collect::<Result<Vec<_>>>()?;
-        let logits = generation::first_logits(self.model.language_model()?, &inputs);
-        self.model.language_model_done();
-        Ok(logits?)
+        Ok(generation::first_logits(
+            self.model.language_model()?,
+            &inputs,
+        )?)
     }
 
     /// Writes the quantized layers of the language model to `path` (see

@@ -44,4 +44,10 @@ pub trait VisionEncoder: Send + Sync {
     fn quantize_per_row(&mut self) -> Result<usize> {
         Ok(0)
     }
+
+    /// Whether to drop each layer's weights from memory as soon as it has run, when they
+    /// are read in place from a mapped checkpoint; the next image reads them back from
+    /// the file cache. Keeps the encoder from adding its size to peak memory when the
+    /// language model stays resident. Backbones that do not support it ignore it.
+    fn set_release_layers_after_use(&mut self, _release: bool) {}
 }

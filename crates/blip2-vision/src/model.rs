@@ -185,6 +185,17 @@ impl EncoderLayer {
         })
     }
 
+    fn release_mapped_pages(&self) {
+        for linear in [
+            &self.self_attn.qkv,
+            &self.self_attn.projection,
+            &self.fc1,
+            &self.fc2,
+        ] {
+            linear.release_mapped_pages();
+        }
+    }
+
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let attended = self.self_attn.forward(&self.layer_norm1.forward(xs)?)?;
         let xs = add(&attended, xs)?;
@@ -202,6 +213,7 @@ pub struct EvaVisionModel {
     layers: Vec<EncoderLayer>,
     post_layernorm: LayerNorm,
     settings: VisionSettings,
+    release_layers_after_use: bool,
 }
 
 impl EvaVisionModel {
@@ -221,6 +233,7 @@ impl EvaVisionModel {
                 settings.layer_norm_eps,
             )?,
             settings: settings.clone(),
+            release_layers_after_use: false,
         })
     }
 
@@ -241,6 +254,9 @@ impl VisionEncoder for EvaVisionModel {
         let mut xs = self.embeddings.forward(pixel_values)?;
         for layer in &self.layers {
             xs = layer.forward(&xs)?;
+            if self.release_layers_after_use {
+                layer.release_mapped_pages();
+            }
         }
         self.post_layernorm.forward(&xs.contiguous()?)
     }
@@ -262,5 +278,9 @@ impl VisionEncoder for EvaVisionModel {
             }
         }
         Ok(quantized)
+    }
+
+    fn set_release_layers_after_use(&mut self, release: bool) {
+        self.release_layers_after_use = release;
     }
 }

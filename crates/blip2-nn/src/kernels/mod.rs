@@ -7,6 +7,8 @@
 //!
 //! - [`gemv_f32`]: `y = x · Wᵀ` for a few rows of `x`, streaming `W` once; decoding is
 //!   bound by memory bandwidth, so this is what decides the time per token.
+//! - [`gemm_f32`]: `y = x · Wᵀ` for many rows of `x` (the vision encoder, prompts), in
+//!   blocked register tiles on AVX-512, through the `gemm` crate elsewhere.
 //! - [`quant`]: 8-bit and 4-bit weights in blocks of 32 with one scale each, and the
 //!   product with activations quantized to 8 bits per block (`vpdpbusd`).
 //! - [`bf16`]: bfloat16 weights with `vdpbf16ps`, row by row, for a few input rows.
@@ -17,6 +19,8 @@
 
 mod amx;
 pub mod bf16;
+#[cfg(target_arch = "x86_64")]
+mod f32_avx512;
 pub mod packed_bf16;
 pub mod packed_i8;
 pub mod quant;
@@ -138,9 +142,22 @@ pub fn gemv_f32(w: &[f32], x: &[f32], out: &mut [f32], rows: usize, n_out: usize
 }
 
 /// `out = x · wᵀ` for any number of rows, with `w` `[n_out, k]`, `x` `[rows, k]` and
-/// `out` `[rows, n_out]`, all row-major: the `gemm` crate's blocked kernels (the ones
-/// candle uses), on all of candle's threads.
+/// `out` `[rows, n_out]`, all row-major, on all of candle's threads. With AVX-512 this
+/// project's blocked kernel runs; elsewhere the `gemm` crate's (the ones candle uses,
+/// which stable Rust builds for AVX2 at most).
 pub fn gemm_f32(w: &[f32], x: &[f32], out: &mut [f32], rows: usize, n_out: usize, k: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if cpu_features().avx512 {
+        out.fill(0.0);
+        // SAFETY: the processor has AVX-512 F.
+        unsafe { f32_avx512::gemm(w, x, out, rows, n_out, k) };
+        return;
+    }
+    gemm_f32_portable(w, x, out, rows, n_out, k);
+}
+
+/// Computes [`gemm_f32`] with the `gemm` crate.
+fn gemm_f32_portable(w: &[f32], x: &[f32], out: &mut [f32], rows: usize, n_out: usize, k: usize) {
     assert_eq!(w.len(), n_out * k, "weights must be n_out × k");
     assert_eq!(x.len(), rows * k, "inputs must be rows × k");
     assert_eq!(out.len(), rows * n_out, "outputs must be rows × n_out");
@@ -322,22 +339,37 @@ pub(crate) mod tests {
         }
     }
 
-    #[test]
-    fn gemm_matches_gemv() {
-        for (rows, n_out, k) in [(20, 37, 300), (7, 50, 3100)] {
+    type Product = fn(&[f32], &[f32], &mut [f32], usize, usize, usize);
+
+    /// Asserts that two products give the same `[rows, n_out]` outputs to float rounding.
+    fn assert_products_agree(first: Product, second: Product, shapes: &[(usize, usize, usize)]) {
+        for &(rows, n_out, k) in shapes {
             let w = pseudo_random(n_out * k, 11);
             let x = pseudo_random(rows * k, 12);
-            let mut by_gemm = vec![0f32; rows * n_out];
-            let mut by_gemv = vec![0f32; rows * n_out];
-            gemm_f32(&w, &x, &mut by_gemm, rows, n_out, k);
-            gemv_f32(&w, &x, &mut by_gemv, rows, n_out, k);
-            for (i, (a, b)) in by_gemm.iter().zip(&by_gemv).enumerate() {
+            // NaN in the first output checks that every value is written, not added to.
+            let mut a = vec![f32::NAN; rows * n_out];
+            let mut b = vec![0f32; rows * n_out];
+            first(&w, &x, &mut a, rows, n_out, k);
+            second(&w, &x, &mut b, rows, n_out, k);
+            for (i, (a, b)) in a.iter().zip(&b).enumerate() {
                 assert!(
                     (a - b).abs() < 1e-4 * (k as f32).sqrt(),
                     "{rows}×{n_out}×{k} output {i}: {a} vs {b}"
                 );
             }
         }
+    }
+
+    #[test]
+    fn gemm_matches_gemv() {
+        assert_products_agree(gemm_f32, gemv_f32, &[(20, 37, 300), (7, 50, 3100)]);
+    }
+
+    #[test]
+    fn avx512_and_portable_gemm_agree() {
+        // Shapes with partial panels, depth slices, transposed blocks and row tiles.
+        let shapes = [(257, 96, 1408), (13, 37, 300), (1, 64, 16), (30, 80, 513)];
+        assert_products_agree(gemm_f32, gemm_f32_portable, &shapes);
     }
 
     #[test]
