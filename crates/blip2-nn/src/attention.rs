@@ -132,7 +132,7 @@ mod tests {
     }
 
     #[test]
-    fn head_by_head_f32_attention_matches_tensor_ops() {
+    fn f32_head_attention_matches_tensor_ops() {
         if !crate::kernels::cpu_features().avx512 {
             return;
         }

@@ -45,9 +45,9 @@ pub trait VisionEncoder: Send + Sync {
         Ok(0)
     }
 
-    /// Whether to drop each layer's weights from memory as soon as it has run, when they
-    /// are read in place from a mapped checkpoint; the next image reads them back from
-    /// the file cache. Keeps the encoder from adding its size to peak memory when the
-    /// language model stays resident. Backbones that do not support it ignore it.
+    /// Sets whether to drop each layer's weights from memory as soon as the layer has run,
+    /// for weights read in place from a mapped checkpoint. The next image reads them back
+    /// from the file cache. This keeps the encoder from adding its size to peak memory
+    /// while the language model stays resident. Backbones without support ignore it.
     fn set_release_layers_after_use(&mut self, _release: bool) {}
 }

@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 /// Output columns of one register tile: two vectors.
 const PANEL: usize = 32;
-/// Inputs summed per pass over a panel; the transposed panel (32 KiB) stays in the
+/// Inputs summed per pass over a panel. The transposed panel (32 KiB) stays in the
 /// first-level cache while every input row goes past it.
 const DEPTH: usize = 256;
 /// Input rows of the largest register tile: 12 rows × 2 vectors of sums.
@@ -69,7 +69,7 @@ pub(super) unsafe fn gemm(
                     })
                     .collect();
                 for (i, block) in blocks.iter().enumerate() {
-                    // SAFETY: AVX-512 F is present (the caller's promise); the block lies
+                    // SAFETY: AVX-512 F is present (the caller's promise). The block lies
                     // within `w`, and the task owns its columns of `out`.
                     unsafe {
                         transpose_panel(
@@ -95,8 +95,8 @@ pub(super) unsafe fn gemm(
         );
 }
 
-/// `width` output columns from `n0` and `depth` inputs from `start`: what one
-/// transposed panel covers.
+/// The part of the product one transposed panel covers: `width` output columns from
+/// `n0` and `depth` inputs from `start`.
 struct Block {
     n0: usize,
     width: usize,
@@ -105,7 +105,7 @@ struct Block {
 }
 
 /// Writes `panel[i][j] = w[j][start + i]` for `i < depth`, `j < 32`, with zeros for
-/// the rows `w` lacks (`w` holds `rows ≤ 32` rows of `k` values).
+/// the rows `w` lacks (`w` contains `rows ≤ 32` rows of `k` values).
 #[target_feature(enable = "avx512f")]
 unsafe fn transpose_panel(w: &[f32], k: usize, block: &Block, panel: &mut [f32]) {
     let (start, depth) = (block.start, block.depth);
@@ -140,8 +140,8 @@ unsafe fn transpose_panel(w: &[f32], k: usize, block: &Block, panel: &mut [f32])
     }
 }
 
-/// The transpose of 16 rows of 16 values: interleave pairs of values, then pairs of
-/// pairs, then 128-bit lanes twice.
+/// Transposes 16 rows of 16 values: interleaves pairs of values, then pairs of pairs,
+/// then 128-bit lanes twice.
 #[inline]
 #[target_feature(enable = "avx512f")]
 fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
@@ -179,8 +179,8 @@ fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
 }
 
 /// Adds the products of every input row with one transposed panel to its block's output
-/// columns. Meanwhile it asks for the `next` block's weights, spread over the row tiles:
-/// each block reads short pieces of many weight rows, which the hardware prefetchers do
+/// columns. Meanwhile it prefetches the `next` block's weights, spread over the row tiles.
+/// Each block reads short pieces of many weight rows, which the hardware prefetchers do
 /// not see coming, so without this the next transpose would wait on memory.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f")]
@@ -213,7 +213,7 @@ unsafe fn multiply_panel(
                 }
             }
         }
-        // SAFETY: rows m..m + tile of `x` (interleaved) and of `out` exist; the block's
+        // SAFETY: rows m..m + tile of `x` (interleaved) and of `out` exist. The block's
         // columns of `out` belong to this task.
         let x_rows = unsafe { x.as_ptr().add(m * k + block.start * tile) };
         let out_rows = unsafe { output.0.add(m * n_out + block.n0) };
@@ -268,7 +268,7 @@ fn row_tiles(rows: usize) -> Vec<usize> {
     tiles
 }
 
-/// The first `width` of 16 lanes (all of them for 16 or more).
+/// Returns the mask of the first `width` of 16 lanes (all of them for 16 or more).
 fn lane_mask(width: usize) -> __mmask16 {
     if width >= 16 {
         u16::MAX
@@ -277,8 +277,8 @@ fn lane_mask(width: usize) -> __mmask16 {
     }
 }
 
-/// `R` input rows (interleaved, `[depth][R]`) times one panel of `depth` × 32, added
-/// to `R` output rows (`out_stride` apart) under `masks`.
+/// Multiplies `R` input rows (interleaved, `[depth][R]`) by one panel of `depth` × 32
+/// and adds the sums to `R` output rows (`out_stride` apart) under `masks`.
 #[inline]
 #[target_feature(enable = "avx512f")]
 unsafe fn tile_rows<const R: usize>(
@@ -291,7 +291,7 @@ unsafe fn tile_rows<const R: usize>(
 ) {
     let mut sums = [[_mm512_setzero_ps(); 2]; R];
     for i in 0..depth {
-        // SAFETY: i < depth and the panel holds depth × 32 values.
+        // SAFETY: i < depth and the panel contains depth × 32 values.
         let b0 = unsafe { _mm512_loadu_ps(panel.as_ptr().add(i * PANEL)) };
         let b1 = unsafe { _mm512_loadu_ps(panel.as_ptr().add(i * PANEL + 16)) };
         for (r, row_sums) in sums.iter_mut().enumerate() {

@@ -143,8 +143,8 @@ pub fn gemv_f32(w: &[f32], x: &[f32], out: &mut [f32], rows: usize, n_out: usize
 
 /// `out = x · wᵀ` for any number of rows, with `w` `[n_out, k]`, `x` `[rows, k]` and
 /// `out` `[rows, n_out]`, all row-major, on all of candle's threads. With AVX-512 this
-/// project's blocked kernel runs; elsewhere the `gemm` crate's (the ones candle uses,
-/// which stable Rust builds for AVX2 at most).
+/// project's blocked kernel runs. Elsewhere the `gemm` crate's kernels run (the ones
+/// candle uses, which stable Rust builds for AVX2 at most).
 pub fn gemm_f32(w: &[f32], x: &[f32], out: &mut [f32], rows: usize, n_out: usize, k: usize) {
     #[cfg(target_arch = "x86_64")]
     if cpu_features().avx512 {
