@@ -115,7 +115,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(max_upload_bytes))
         .layer(middleware::from_fn_with_state(
             max_upload_bytes,
-            reject_declared_oversize,
+            reject_oversize,
         ))
         .with_state(state);
     Router::new()
@@ -140,13 +140,13 @@ pub(crate) fn router(state: AppState) -> Router {
 /// response, so that the client, still sending, reads the response instead of a reset.
 const MAX_DRAINED_BYTES: usize = 64 * 1024 * 1024;
 
-/// Rejects with `413` a request whose `Content-Length` is over the limit, without reading
-/// its form.
+/// Rejects with `413` a request over the size limit, before its form is read.
 ///
-/// NOTE: a chunked body without a `Content-Length` is cut off at the limit by
-/// `DefaultBodyLimit` and not drained, so a client still sending a large one may see the
-/// connection reset instead of the `413`. Browsers and `curl -F` send a length.
-async fn reject_declared_oversize(
+/// A request that declares a `Content-Length` over the limit is rejected at once. A chunked
+/// one, with no length, is read into memory up to the limit. Either way the rest of an
+/// oversized body is read and thrown away before the response, so that a client still
+/// sending reads the `413` instead of a reset connection.
+async fn reject_oversize(
     State(max_upload_bytes): State<usize>,
     request: Request,
     next: Next,
@@ -163,20 +163,55 @@ async fn reject_declared_oversize(
                 max_upload_bytes,
                 "rejected an upload over the size limit"
             );
-            drain(request.into_body()).await;
-            let mut response = ApiError::upload_too_large(max_upload_bytes).into_response();
-            response
-                .headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            response
+            drain(request.into_body().into_data_stream()).await;
+            upload_too_large(max_upload_bytes)
         }
-        _ => next.run(request).await,
+        Some(_) => next.run(request).await,
+        None => {
+            let (parts, body) = request.into_parts();
+            match read_within_limit(body, max_upload_bytes).await {
+                Ok(bytes) => {
+                    next.run(Request::from_parts(parts, Body::from(bytes)))
+                        .await
+                }
+                Err(response) => response,
+            }
+        }
     }
 }
 
-/// Reads and discards up to [`MAX_DRAINED_BYTES`] of `body`.
-async fn drain(body: Body) {
+/// Reads a body that declared no length, or answers `413` once it passes the limit.
+async fn read_within_limit(body: Body, max_upload_bytes: usize) -> Result<Vec<u8>, Response> {
     let mut stream = body.into_data_stream();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| {
+            ApiError::invalid_request(format!("cannot read the request body: {e}")).into_response()
+        })?;
+        if bytes.len() + chunk.len() > max_upload_bytes {
+            tracing::info!(
+                max_upload_bytes,
+                "rejected a chunked upload over the size limit"
+            );
+            drain(stream).await;
+            return Err(upload_too_large(max_upload_bytes));
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok(bytes)
+}
+
+/// The `413` answer; it closes the connection, whose body may not have been read to the end.
+fn upload_too_large(max_upload_bytes: usize) -> Response {
+    let mut response = ApiError::upload_too_large(max_upload_bytes).into_response();
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+/// Reads and discards up to [`MAX_DRAINED_BYTES`] of a body.
+async fn drain(mut stream: axum::body::BodyDataStream) {
     let mut drained = 0;
     while drained < MAX_DRAINED_BYTES {
         match stream.next().await {
