@@ -142,10 +142,10 @@ const MAX_DRAINED_BYTES: usize = 64 * 1024 * 1024;
 
 /// Rejects with `413` a request over the size limit, before its form is read.
 ///
-/// A request that declares a `Content-Length` over the limit is rejected at once. A chunked
-/// one, with no length, is read into memory up to the limit. Either way the rest of an
-/// oversized body is read and thrown away before the response, so that a client still
-/// sending reads the `413` instead of a reset connection.
+/// A request whose `Content-Length` is over the limit is rejected at once. A chunked request,
+/// with no length, is read into memory up to the limit. The rest of an oversized body is read
+/// and discarded before the response, so a client that is still sending receives the `413`
+/// instead of a reset connection.
 async fn reject_oversize(
     State(max_upload_bytes): State<usize>,
     request: Request,
@@ -180,13 +180,15 @@ async fn reject_oversize(
     }
 }
 
-/// Reads a body that declared no length, or answers `413` once it passes the limit.
+/// Reads a body that has no declared length, or returns the `413` response once it passes the limit.
 async fn read_within_limit(body: Body, max_upload_bytes: usize) -> Result<Vec<u8>, Response> {
     let mut stream = body.into_data_stream();
     let mut bytes = Vec::new();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| {
-            ApiError::invalid_request(format!("cannot read the request body: {e}")).into_response()
+            tracing::warn!(error = %e, "failed to read a chunked request body");
+            ApiError::invalid_request(format!("failed to read the request body: {e}"))
+                .into_response()
         })?;
         if bytes.len() + chunk.len() > max_upload_bytes {
             tracing::info!(
@@ -201,7 +203,8 @@ async fn read_within_limit(body: Body, max_upload_bytes: usize) -> Result<Vec<u8
     Ok(bytes)
 }
 
-/// The `413` answer; it closes the connection, whose body may not have been read to the end.
+/// Builds the `413` response. It closes the connection because the body may not have been read
+/// to the end.
 fn upload_too_large(max_upload_bytes: usize) -> Response {
     let mut response = ApiError::upload_too_large(max_upload_bytes).into_response();
     response

@@ -141,8 +141,8 @@ async fn upload_over_limit_is_413() {
         json!(300_000),
     );
 
-    // Without one (chunked): read up to the limit, the rest drained before the answer, for a
-    // photo a little over the limit and for a body far over it.
+    // Without one (chunked), the server reads up to the limit and drains the rest before the
+    // response. One photo is a little over the limit and one body is far over it.
     for bytes in [photo("astronaut.png"), vec![0xAB; 8 * 1024 * 1024]] {
         let chunks: Vec<Result<Vec<u8>, std::io::Error>> = bytes
             .chunks(32 * 1024)
