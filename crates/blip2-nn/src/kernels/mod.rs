@@ -256,6 +256,12 @@ unsafe fn dot_f32_avx512(a: &[f32], b: &[f32]) -> f32 {
 /// Weight rows [`gemv_f32`] reads side by side for a single input row.
 const DOT_ROWS: usize = 4;
 
+/// How far ahead of its reads, in values, [`dots_f32_avx512`] prefetches each weight row
+/// (2 KiB). In alternating runs of 12-token captions on the full-size OPT-2.7B shape on a
+/// 2-core Xeon, it made decoding about 4 % faster than relying on the hardware prefetcher
+/// alone; 1 and 4 KiB gained less.
+const DOT_PREFETCH_FLOATS: usize = 512;
+
 /// Writes to `out` the dot products of `R` consecutive rows of `w` (`R × x.len()`
 /// values) with `x`.
 #[cfg(target_arch = "x86_64")]
@@ -268,6 +274,12 @@ unsafe fn dots_f32_avx512<const R: usize>(w: &[f32], x: &[f32], out: &mut [f32])
     let mut sums = [[_mm512_setzero_ps(); 2]; R];
     let mut i = 0;
     while i + 32 <= k {
+        for r in 0..R {
+            // A prefetch is only a hint: addresses past the end of `w` do not fault.
+            let ahead = w.as_ptr().wrapping_add(r * k + i + DOT_PREFETCH_FLOATS);
+            _mm_prefetch::<_MM_HINT_T0>(ahead.cast());
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(16).cast());
+        }
         for (half, offset) in [i, i + 16].into_iter().enumerate() {
             // SAFETY: offset + 16 <= k, within `x` and within each of the R rows of `w`.
             let vx = unsafe { _mm512_loadu_ps(x.as_ptr().add(offset)) };
