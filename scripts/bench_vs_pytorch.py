@@ -2,7 +2,7 @@
 
 Usage:
     python scripts/bench_vs_pytorch.py [--checkpoint DIR] [--threads 2] [--tokens 20] [--repeats 3]
-                                       [--modes f32,bf16] [--torch-dtypes float32,bfloat16]
+                                       [--modes f32,bf16] [--torch-dtypes float32,bfloat16] [--rounds 1]
 
 The first run writes a checkpoint with the published blip2-opt-2.7b shapes and random weights
 (fixed seed, 15.5 GB of float32 safetensors; about 2 GB of memory while writing) to --checkpoint,
@@ -12,7 +12,10 @@ Each measurement runs in its own process, so peak memory (maximum resident set s
 one configuration: PyTorch transformers (versions pinned in scripts/requirements.txt) in each of
 --torch-dtypes, and this project's `bench_caption` example in each of --modes. Both caption
 images/chelsea.png greedily with exactly --tokens new tokens, on --threads threads. Each stage
-runs --repeats times and its median counts, which steadies figures on a shared machine. The table
+runs --repeats times and its median counts, which steadies figures on a shared machine. With
+--rounds N the whole set of runs is repeated N times, PyTorch's and this project's in turns, and
+each figure is the median over the rounds, so that a slow spell of the machine does not fall on
+one side only. The table
 gives the time of each stage, the end-to-end caption time after loading, the load time, the peak memory,
 and the ratio of each figure to PyTorch's at the same dtype (quantized modes against PyTorch's
 bfloat16, its fastest). Quantized modes first run `blip2 quantize`, which saves the quantized
@@ -97,6 +100,15 @@ def write_checkpoint(directory: Path) -> None:
     processor["image_processor"]["size"] = {"height": 224, "width": 224}
     processor["num_query_tokens"] = NUM_QUERY_TOKENS
     (directory / "processor_config.json").write_text(json.dumps(processor, indent=2))
+
+
+def median_of_rounds(reports: list) -> dict:
+    """Take the median of each numeric figure over the rounds' reports of one run."""
+    merged = dict(reports[0])
+    for key, value in reports[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            merged[key] = statistics.median(report[key] for report in reports)
+    return merged
 
 
 def timed(function, repeats: int):
@@ -237,8 +249,13 @@ def main() -> None:
                              "(quantized language model), -lowmem (--low-memory), -vint8 (--vision-int8) and "
                              "-pint8 (--prompt-int8)")
     parser.add_argument("--torch-dtypes", default="float32,bfloat16")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="number of times to repeat the whole set of runs, PyTorch's and this project's in "
+                             "turns. Each figure is the median over the rounds")
     parser.add_argument("--torch-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds must be 1 or more, got {args.rounds}")
 
     if args.torch_worker:
         print(json.dumps(torch_worker(args.checkpoint, args.torch_worker, args.tokens, args.threads, args.repeats)))
@@ -254,32 +271,39 @@ def main() -> None:
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads))
 
     limits = machine_limits(args.threads)
-    results = {}
+    rounds = []
     quality = {}
-    for dtype in args.torch_dtypes.split(","):
-        print(f"PyTorch {dtype} ...", file=sys.stderr)
-        warm_page_cache(args.checkpoint)
-        results[f"torch {dtype}"] = run_json(
-            [sys.executable, __file__, "--checkpoint", str(args.checkpoint), "--torch-worker", dtype,
-             "--tokens", str(args.tokens), "--threads", str(args.threads), "--repeats", str(args.repeats)], env)
-    for mode in args.modes.split(","):
-        print(f"blip2-rs {mode} ...", file=sys.stderr)
-        dtype, *extras = mode.split("-")
-        command = [str(binary), str(args.checkpoint), str(PHOTO), "--dtype", dtype, "--tokens", str(args.tokens),
-                   "--repeats", str(args.repeats)]
-        for extra in extras:
-            if extra == "lowmem":
-                command += ["--low-memory"]
-            elif extra in INT8_FLAGS:
-                command += [INT8_FLAGS[extra]]
-            else:
-                command += ["--quantize", str(quantized_file(cli, args.checkpoint, extra, env, quality))]
-        int8_flags = [INT8_FLAGS[e] for e in extras if e in INT8_FLAGS]
-        kind = next((e for e in extras if e in ("q8", "q4")), None)
-        if int8_flags and kind:
-            measure_quality(cli, args.checkpoint, kind, int8_flags, env, quality)
-        warm_page_cache(args.checkpoint)
-        results[f"rust {mode}"] = run_json(command, env)
+    for round_index in range(args.rounds):
+        if args.rounds > 1:
+            print(f"round {round_index + 1} of {args.rounds}", file=sys.stderr)
+        runs = {}
+        for dtype in args.torch_dtypes.split(","):
+            print(f"PyTorch {dtype} ...", file=sys.stderr)
+            warm_page_cache(args.checkpoint)
+            runs[f"torch {dtype}"] = run_json(
+                [sys.executable, __file__, "--checkpoint", str(args.checkpoint), "--torch-worker", dtype,
+                 "--tokens", str(args.tokens), "--threads", str(args.threads), "--repeats", str(args.repeats)], env)
+        for mode in args.modes.split(","):
+            print(f"blip2-rs {mode} ...", file=sys.stderr)
+            dtype, *extras = mode.split("-")
+            command = [str(binary), str(args.checkpoint), str(PHOTO), "--dtype", dtype, "--tokens", str(args.tokens),
+                       "--repeats", str(args.repeats)]
+            for extra in extras:
+                if extra == "lowmem":
+                    command += ["--low-memory"]
+                elif extra in INT8_FLAGS:
+                    command += [INT8_FLAGS[extra]]
+                else:
+                    command += ["--quantize", str(quantized_file(cli, args.checkpoint, extra, env, quality))]
+            int8_flags = [INT8_FLAGS[e] for e in extras if e in INT8_FLAGS]
+            kind = next((e for e in extras if e in ("q8", "q4")), None)
+            if int8_flags and kind and round_index == 0:
+                measure_quality(cli, args.checkpoint, kind, int8_flags, env, quality)
+            warm_page_cache(args.checkpoint)
+            runs[f"rust {mode}"] = run_json(command, env)
+        print("  total_s: " + ", ".join(f"{name} {run['total_s']:.2f}" for name, run in runs.items()), file=sys.stderr)
+        rounds.append(runs)
+    results = {name: median_of_rounds([runs[name] for runs in rounds]) for name in rounds[0]}
 
     # Each run is compared with PyTorch at the same dtype; quantized runs with PyTorch's
     # fastest, bfloat16.

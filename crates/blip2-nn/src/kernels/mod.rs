@@ -256,10 +256,10 @@ unsafe fn dot_f32_avx512(a: &[f32], b: &[f32]) -> f32 {
 /// Weight rows [`gemv_f32`] reads side by side for a single input row.
 const DOT_ROWS: usize = 4;
 
-/// How far ahead of its reads, in values, [`dots_f32_avx512`] prefetches each weight row
-/// (2 KiB). In alternating runs of 12-token captions on the full-size OPT-2.7B shape on a
-/// 2-core Xeon, it made decoding about 4 % faster than relying on the hardware prefetcher
-/// alone; 1 and 4 KiB gained less.
+/// Distance in values (2 KiB) at which [`dots_f32_avx512`] prefetches each weight row ahead
+/// of its reads. In alternating runs of 12-token captions on the full-size OPT-2.7B shape on
+/// a 2-core Xeon, it made decoding about 4 % faster than the hardware prefetcher alone. A
+/// distance of 1 or 4 KiB gained less.
 const DOT_PREFETCH_FLOATS: usize = 512;
 
 /// Writes to `out` the dot products of `R` consecutive rows of `w` (`R × x.len()`
