@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use blip2_server::{Limits, QueueStatus};
 use common::*;
-use reqwest::multipart::{Form, Part};
+use reqwest::multipart::Form;
 use reqwest::{StatusCode, header};
 use serde_json::{Value, json};
 use tokio::sync::watch;
@@ -143,14 +143,11 @@ async fn upload_over_limit_is_413() {
 
     // Without one (chunked), the server reads up to the limit and drains the rest before the
     // response. One photo is a little over the limit and one body is far over it.
-    for bytes in [photo("astronaut.png"), vec![0xAB; 8 * 1024 * 1024]] {
-        let chunks: Vec<Result<Vec<u8>, std::io::Error>> = bytes
-            .chunks(32 * 1024)
-            .map(|chunk| Ok(chunk.to_vec()))
-            .collect();
-        let body = reqwest::Body::wrap_stream(futures_util::stream::iter(chunks));
-        let part = Part::stream(body).file_name("astronaut.png");
-        let form = Form::new().part("image", part);
+    for (bytes, name) in [
+        (photo("astronaut.png"), "astronaut.png"),
+        (vec![0xAB; 8 * 1024 * 1024], "large.png"),
+    ] {
+        let form = chunked_image_form(bytes, name);
         let (status, body) = post_json(&server, "/api/ask", form).await;
         assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
         assert_limit(
@@ -162,16 +159,7 @@ async fn upload_over_limit_is_413() {
     }
 
     // A chunked photo under the limit goes through.
-    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = photo("rocket.jpg")
-        .chunks(32 * 1024)
-        .map(|chunk| Ok(chunk.to_vec()))
-        .collect();
-    let body = reqwest::Body::wrap_stream(futures_util::stream::iter(chunks));
-    let part = Part::stream(body)
-        .file_name("rocket.jpg")
-        .mime_str("image/jpeg")
-        .unwrap();
-    let form = Form::new().part("image", part);
+    let form = chunked_image_form(photo("rocket.jpg"), "rocket.jpg");
     let (status, body) = post_json(&server, "/api/caption", form).await;
     assert_eq!(status, StatusCode::OK, "{body}");
 

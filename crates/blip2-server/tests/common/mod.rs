@@ -110,16 +110,33 @@ pub fn client() -> reqwest::Client {
         .unwrap()
 }
 
-pub fn image_part(bytes: Vec<u8>, name: &str) -> Part {
-    let mime = if name.ends_with(".jpg") {
+fn image_mime(name: &str) -> &'static str {
+    if name.ends_with(".jpg") {
         "image/jpeg"
     } else {
         "image/png"
-    };
+    }
+}
+
+pub fn image_part(bytes: Vec<u8>, name: &str) -> Part {
     Part::bytes(bytes)
         .file_name(name.to_owned())
-        .mime_str(mime)
+        .mime_str(image_mime(name))
         .unwrap()
+}
+
+/// Builds a form whose `image` is sent in 32 KiB chunks, so the request has no `Content-Length`.
+pub fn chunked_image_form(bytes: Vec<u8>, name: &str) -> Form {
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = bytes
+        .chunks(32 * 1024)
+        .map(|chunk| Ok(chunk.to_vec()))
+        .collect();
+    let body = reqwest::Body::wrap_stream(futures_util::stream::iter(chunks));
+    let part = Part::stream(body)
+        .file_name(name.to_owned())
+        .mime_str(image_mime(name))
+        .unwrap();
+    Form::new().part("image", part)
 }
 
 /// A form with the photo `name` from `images/` as its `image`.
