@@ -4,7 +4,7 @@
 //! They run in plain loops on the calling thread, and round to bfloat16 without branches
 //! so that the compiler vectorises the loop.
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{CpuStorage, DType, Device, Result, Storage, Tensor};
 use half::{bf16, f16};
 
 use crate::kernels::round_to_bf16;
@@ -60,6 +60,22 @@ pub fn f32_values(xs: &Tensor) -> Result<Vec<f32>> {
         DType::F16 => Ok(xs.to_vec1::<f16>()?.iter().map(|v| v.to_f32()).collect()),
         _ => xs.to_dtype(DType::F32)?.to_vec1::<f32>(),
     }
+}
+
+/// Calls `f` with the values of `xs` in row-major order, as `f32`. A contiguous `f32`
+/// tensor on the CPU lends its own memory, and any other is converted into a new buffer.
+/// Copying a product's input into fresh memory costs page faults as well as the copy:
+/// about 3 ms on a 2-core Xeon for the 6 MiB input of the vision encoder's second MLP
+/// product, 15 % of the product's time.
+pub fn with_f32_values<R>(xs: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    if xs.dtype() == DType::F32 && xs.is_contiguous() {
+        let (storage, layout) = xs.storage_and_layout();
+        if let Storage::Cpu(CpuStorage::F32(values)) = &*storage {
+            let start = layout.start_offset();
+            return Ok(f(&values[start..start + xs.elem_count()]));
+        }
+    }
+    Ok(f(&f32_values(xs)?))
 }
 
 /// Returns the values of `xs` in row-major order, rounded to bfloat16.
@@ -130,6 +146,25 @@ mod tests {
             bf16_values(&xs)?,
             xs.to_dtype(DType::BF16)?.flatten_all()?.to_vec1::<bf16>()?
         );
+        Ok(())
+    }
+
+    #[test]
+    fn lent_values_are_the_tensors_values() -> Result<()> {
+        let values: Vec<f32> = (0..300).map(|i| (i as f32 - 150.0) * 0.377).collect();
+        let xs = Tensor::from_vec(values, (3, 100), &Device::Cpu)?;
+        // Contiguous (lent), offset into its storage (lent), transposed and bfloat16
+        // (converted).
+        let cases = [
+            xs.clone(),
+            xs.narrow(0, 1, 2)?,
+            xs.t()?,
+            xs.to_dtype(DType::BF16)?,
+        ];
+        for case in &cases {
+            let lent = with_f32_values(case, |values| values.to_vec())?;
+            assert_eq!(lent, f32_values(case)?, "{:?}", case.layout());
+        }
         Ok(())
     }
 }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, DType, Module, Result, Storage, Tensor};
 use half::bf16;
 
-use crate::convert::{Element, bf16_values, f32_values, tensor_from_f32};
+use crate::convert::{Element, bf16_values, f32_values, tensor_from_f32, with_f32_values};
 use crate::kernels::packed_bf16::PackedBf16;
 use crate::kernels::packed_i8::PackedI8;
 use crate::kernels::quant::{QuantKind, QuantMatrix};
@@ -371,22 +371,30 @@ impl Linear {
         if let Some(packed) = packed {
             return self.forward_packed(xs, rows, shape, packed).map(Some);
         }
-        let inputs = || f32_values(xs);
         let mut out = vec![0f32; rows * self.out_features];
+        if !with_f32_values(xs, |inputs| self.multiply(inputs, rows, &mut out))? {
+            return Ok(None);
+        }
+        self.kernel_output(out, shape, xs).map(Some)
+    }
+
+    /// Writes `inputs · wᵀ` to `out` on this project's kernels, or returns `false` where
+    /// none applies (a weight that is not in the CPU's memory, or of another dtype).
+    fn multiply(&self, inputs: &[f32], rows: usize, out: &mut [f32]) -> bool {
         match &self.weight {
-            Weight::Quantized(matrix) => matrix.matmul(&inputs()?, rows, &mut out),
+            Weight::Quantized(matrix) => matrix.matmul(inputs, rows, out),
             Weight::Mapped(matrix) if rows <= GEMV_MAX_ROWS => crate::kernels::gemv_f32(
                 matrix.values(),
-                &inputs()?,
-                &mut out,
+                inputs,
+                out,
                 rows,
                 self.out_features,
                 self.in_features,
             ),
             Weight::Mapped(matrix) => crate::kernels::gemm_f32(
                 matrix.values(),
-                &inputs()?,
-                &mut out,
+                inputs,
+                out,
                 rows,
                 self.out_features,
                 self.in_features,
@@ -394,15 +402,15 @@ impl Linear {
             Weight::Dense(weight) if rows <= GEMV_MAX_ROWS && weight.is_contiguous() => {
                 let (storage, layout) = weight.storage_and_layout();
                 let Storage::Cpu(storage) = &*storage else {
-                    return Ok(None);
+                    return false;
                 };
                 let range = layout.start_offset()
                     ..layout.start_offset() + self.out_features * self.in_features;
                 match storage {
                     CpuStorage::F32(w) => crate::kernels::gemv_f32(
                         &w[range],
-                        &inputs()?,
-                        &mut out,
+                        inputs,
+                        out,
                         rows,
                         self.out_features,
                         self.in_features,
@@ -411,19 +419,19 @@ impl Linear {
                         let w: &[bf16] = &w[range];
                         crate::kernels::bf16::gemv_bf16(
                             w,
-                            &inputs()?,
-                            &mut out,
+                            inputs,
+                            out,
                             rows,
                             self.out_features,
                             self.in_features,
                         )
                     }
-                    _ => return Ok(None),
+                    _ => return false,
                 }
             }
-            Weight::Dense(_) | Weight::PackedBf16(_) | Weight::PackedI8(_) => return Ok(None),
+            Weight::Dense(_) | Weight::PackedBf16(_) | Weight::PackedI8(_) => return false,
         }
-        self.kernel_output(out, shape, xs).map(Some)
+        true
     }
 
     /// Adds the bias to the kernel's `f32` products and returns them in the input's dtype

@@ -3,10 +3,10 @@
 //! The layout is the classic blocked one. Each task owns a few panels of 32 output
 //! columns. For one slice of `DEPTH` inputs at a time it copies those weight rows
 //! transposed (`[depth][32]`), with 16 × 16 in-register transposes. The copy is read
-//! from the first-level cache while every input row goes past it, `TILE_ROWS` rows at a
-//! time: each input value is broadcast and multiplied into two vectors of 16 outputs.
-//! The input rows are interleaved once per product so that a tile's values for one step
-//! sit side by side. The weights stay where they are (memory-mapped), and each weight
+//! from the first-level cache while every input row goes past it, at most `TILE_ROWS`
+//! rows at a time: each input value is broadcast and multiplied into two vectors of 16
+//! outputs. The input rows are interleaved once per product so that a tile's values for
+//! one step sit side by side. The weights stay where they are (memory-mapped), and each weight
 //! value is copied once per product.
 
 use std::arch::x86_64::*;
@@ -18,7 +18,8 @@ const PANEL: usize = 32;
 /// Inputs summed per pass over a panel. The transposed panel (32 KiB) stays in the
 /// first-level cache while every input row goes past it.
 const DEPTH: usize = 256;
-/// Input rows of the largest register tile: 12 rows × 2 vectors of sums.
+/// Input rows of the largest register tile: 12 rows × 2 vectors of sums. The tiles
+/// of [`multiply_panel`] go from 1 row up to this.
 const TILE_ROWS: usize = 12;
 /// Panels per parallel task.
 const TASK_PANELS: usize = 2;
@@ -221,8 +222,15 @@ unsafe fn multiply_panel(
         unsafe {
             match tile {
                 TILE_ROWS => tile_rows::<TILE_ROWS>(x_rows, panel, depth, out_rows, n_out, masks),
+                11 => tile_rows::<11>(x_rows, panel, depth, out_rows, n_out, masks),
+                10 => tile_rows::<10>(x_rows, panel, depth, out_rows, n_out, masks),
+                9 => tile_rows::<9>(x_rows, panel, depth, out_rows, n_out, masks),
                 8 => tile_rows::<8>(x_rows, panel, depth, out_rows, n_out, masks),
+                7 => tile_rows::<7>(x_rows, panel, depth, out_rows, n_out, masks),
+                6 => tile_rows::<6>(x_rows, panel, depth, out_rows, n_out, masks),
+                5 => tile_rows::<5>(x_rows, panel, depth, out_rows, n_out, masks),
                 4 => tile_rows::<4>(x_rows, panel, depth, out_rows, n_out, masks),
+                3 => tile_rows::<3>(x_rows, panel, depth, out_rows, n_out, masks),
                 2 => tile_rows::<2>(x_rows, panel, depth, out_rows, n_out, masks),
                 _ => tile_rows::<1>(x_rows, panel, depth, out_rows, n_out, masks),
             }
@@ -255,17 +263,15 @@ fn interleave_rows(x: &[f32], k: usize, tiles: &[usize]) -> Vec<f32> {
     interleaved
 }
 
-/// Splits `rows` into register tiles: as many of the largest as fit, then smaller ones.
+/// Splits `rows` into as few register tiles as the largest size allows, of sizes that
+/// differ by at most one row. Tiles of a few rows wait on their own additions (each sum
+/// adds to itself every step) rather than on the multipliers, so evening out the sizes
+/// beats ending on a small tile.
 fn row_tiles(rows: usize) -> Vec<usize> {
-    let mut tiles = Vec::new();
-    let mut left = rows;
-    for tile in [TILE_ROWS, 8, 4, 2, 1] {
-        while left >= tile {
-            tiles.push(tile);
-            left -= tile;
-        }
-    }
-    tiles
+    let count = rows.div_ceil(TILE_ROWS);
+    (0..count)
+        .map(|i| (i + 1) * rows / count - i * rows / count)
+        .collect()
 }
 
 /// Returns the mask of the first `width` of 16 lanes (all of them for 16 or more).

@@ -382,6 +382,9 @@ pub(crate) mod tests {
         // Shapes with partial panels, depth slices, transposed blocks and row tiles.
         let shapes = [(257, 96, 1408), (13, 37, 300), (1, 64, 16), (30, 80, 513)];
         assert_products_agree(gemm_f32, gemm_f32_portable, &shapes);
+        // A single tile of each size up to the largest, and three tiles of 11 rows.
+        let tiles: Vec<_> = (2..=12).chain([33]).map(|rows| (rows, 40, 300)).collect();
+        assert_products_agree(gemm_f32, gemm_f32_portable, &tiles);
     }
 
     #[test]
