@@ -378,8 +378,9 @@ impl Linear {
         self.kernel_output(out, shape, xs).map(Some)
     }
 
-    /// Writes `inputs · wᵀ` to `out` on this project's kernels, or returns `false` where
-    /// none applies (a weight that is not in the CPU's memory, or of another dtype).
+    /// Computes `inputs · wᵀ` into `out` with this project's kernels. Returns `false`,
+    /// writing nothing, for a dense weight off the CPU or of another dtype, and for packed
+    /// weights, which [`Linear::forward_packed`] serves.
     fn multiply(&self, inputs: &[f32], rows: usize, out: &mut [f32]) -> bool {
         match &self.weight {
             Weight::Quantized(matrix) => matrix.matmul(inputs, rows, out),

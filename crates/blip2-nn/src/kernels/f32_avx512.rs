@@ -18,9 +18,11 @@ const PANEL: usize = 32;
 /// Inputs summed per pass over a panel. The transposed panel (32 KiB) stays in the
 /// first-level cache while every input row goes past it.
 const DEPTH: usize = 256;
-/// Input rows of the largest register tile: 12 rows × 2 vectors of sums. The tiles
-/// of [`multiply_panel`] go from 1 row up to this.
+/// Input rows of the largest register tile: 12 rows × 2 vectors of sums. Tiles have 1
+/// to this many rows.
 const TILE_ROWS: usize = 12;
+// `multiply_panel` has one match arm per tile size, written out up to 12.
+const _: () = assert!(TILE_ROWS == 12);
 /// Panels per parallel task.
 const TASK_PANELS: usize = 2;
 
@@ -263,10 +265,9 @@ fn interleave_rows(x: &[f32], k: usize, tiles: &[usize]) -> Vec<f32> {
     interleaved
 }
 
-/// Splits `rows` into as few register tiles as the largest size allows, of sizes that
-/// differ by at most one row. Tiles of a few rows wait on their own additions (each sum
-/// adds to itself every step) rather than on the multipliers, so evening out the sizes
-/// beats ending on a small tile.
+/// Splits `rows` into the fewest tiles of at most `TILE_ROWS` rows, with sizes that differ
+/// by at most one. A tile of a few rows waits on its own additions rather than on the
+/// multipliers, so even sizes beat a small last tile.
 fn row_tiles(rows: usize) -> Vec<usize> {
     let count = rows.div_ceil(TILE_ROWS);
     (0..count)
