@@ -371,66 +371,51 @@ impl Linear {
         if let Some(packed) = packed {
             return self.forward_packed(xs, rows, shape, packed).map(Some);
         }
+        let bias = self.bias_values()?;
         let mut out = vec![0f32; rows * self.out_features];
-        if !with_f32_values(xs, |inputs| self.multiply(inputs, rows, &mut out))? {
+        if !with_f32_values(xs, |inputs| {
+            self.multiply(inputs, rows, bias.as_deref(), &mut out)
+        })? {
             return Ok(None);
         }
-        self.kernel_output(out, shape, xs).map(Some)
+        tensor_from_f32(out, shape, xs.dtype(), xs.device()).map(Some)
     }
 
-    /// Computes `inputs · wᵀ` into `out` with this project's kernels. Returns `false`,
-    /// writing nothing, for a dense weight off the CPU or of another dtype, and for packed
-    /// weights, which [`Linear::forward_packed`] serves.
-    fn multiply(&self, inputs: &[f32], rows: usize, out: &mut [f32]) -> bool {
+    /// Computes `inputs · wᵀ + bias` into `out` with this project's kernels. Returns
+    /// `false`, writing nothing, for a dense weight off the CPU or of another dtype, and for
+    /// packed weights, which [`Linear::forward_packed`] serves.
+    fn multiply(&self, inputs: &[f32], rows: usize, bias: Option<&[f32]>, out: &mut [f32]) -> bool {
+        let (n_out, k) = (self.out_features, self.in_features);
         match &self.weight {
+            Weight::Mapped(matrix) if rows > GEMV_MAX_ROWS => {
+                // The blocked kernel starts its sums from the bias.
+                crate::kernels::gemm_f32(matrix.values(), inputs, bias, out, rows, n_out, k);
+                return true;
+            }
+            Weight::Mapped(matrix) => {
+                crate::kernels::gemv_f32(matrix.values(), inputs, out, rows, n_out, k)
+            }
             Weight::Quantized(matrix) => matrix.matmul(inputs, rows, out),
-            Weight::Mapped(matrix) if rows <= GEMV_MAX_ROWS => crate::kernels::gemv_f32(
-                matrix.values(),
-                inputs,
-                out,
-                rows,
-                self.out_features,
-                self.in_features,
-            ),
-            Weight::Mapped(matrix) => crate::kernels::gemm_f32(
-                matrix.values(),
-                inputs,
-                out,
-                rows,
-                self.out_features,
-                self.in_features,
-            ),
             Weight::Dense(weight) if rows <= GEMV_MAX_ROWS && weight.is_contiguous() => {
                 let (storage, layout) = weight.storage_and_layout();
                 let Storage::Cpu(storage) = &*storage else {
                     return false;
                 };
-                let range = layout.start_offset()
-                    ..layout.start_offset() + self.out_features * self.in_features;
+                let range = layout.start_offset()..layout.start_offset() + n_out * k;
                 match storage {
-                    CpuStorage::F32(w) => crate::kernels::gemv_f32(
-                        &w[range],
-                        inputs,
-                        out,
-                        rows,
-                        self.out_features,
-                        self.in_features,
-                    ),
+                    CpuStorage::F32(w) => {
+                        crate::kernels::gemv_f32(&w[range], inputs, out, rows, n_out, k)
+                    }
                     CpuStorage::BF16(w) => {
-                        let w: &[bf16] = &w[range];
-                        crate::kernels::bf16::gemv_bf16(
-                            w,
-                            inputs,
-                            out,
-                            rows,
-                            self.out_features,
-                            self.in_features,
-                        )
+                        crate::kernels::bf16::gemv_bf16(&w[range], inputs, out, rows, n_out, k)
                     }
                     _ => return false,
                 }
             }
             Weight::Dense(_) | Weight::PackedBf16(_) | Weight::PackedI8(_) => return false,
+        }
+        if let Some(bias) = bias {
+            crate::kernels::add_bias(out, bias);
         }
         true
     }
@@ -440,11 +425,7 @@ impl Linear {
     /// decoding step the operation's dispatch would cost more than the additions.
     fn kernel_output(&self, mut out: Vec<f32>, shape: Vec<usize>, xs: &Tensor) -> Result<Tensor> {
         if let Some(bias) = self.bias_values()? {
-            for row in out.chunks_mut(self.out_features) {
-                for (value, b) in row.iter_mut().zip(&bias) {
-                    *value += b;
-                }
-            }
+            crate::kernels::add_bias(&mut out, &bias);
         }
         tensor_from_f32(out, shape, xs.dtype(), xs.device())
     }

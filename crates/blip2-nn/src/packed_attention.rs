@@ -156,7 +156,7 @@ fn attend_f32(
     out: &mut [f32],
 ) {
     let mut scores = vec![0f32; queries * keys];
-    gemm_f32(k, q, &mut scores, queries, keys, head_dim);
+    gemm_f32(k, q, None, &mut scores, queries, keys, head_dim);
     let mut weights = vec![0f32; queries * keys];
     for (row, weights) in scores
         .chunks_exact_mut(keys)
@@ -170,6 +170,7 @@ fn attend_f32(
     gemm_f32(
         &transpose(v, keys, head_dim),
         &weights,
+        None,
         out,
         queries,
         head_dim,

@@ -141,19 +141,39 @@ pub fn gemv_f32(w: &[f32], x: &[f32], out: &mut [f32], rows: usize, n_out: usize
     }
 }
 
-/// `out = x · wᵀ` for any number of rows, with `w` `[n_out, k]`, `x` `[rows, k]` and
-/// `out` `[rows, n_out]`, all row-major, on all of candle's threads. With AVX-512 this
-/// project's blocked kernel runs. Elsewhere the `gemm` crate's kernels run (the ones
-/// candle uses, which stable Rust builds for AVX2 at most).
-pub fn gemm_f32(w: &[f32], x: &[f32], out: &mut [f32], rows: usize, n_out: usize, k: usize) {
+/// `out = x · wᵀ + bias` for any number of rows, with `w` `[n_out, k]`, `x` `[rows, k]`
+/// and `out` `[rows, n_out]`, all row-major, and `bias` `[n_out]` (none adds nothing), on
+/// all of candle's threads. With AVX-512 this project's blocked kernel runs. Elsewhere
+/// the `gemm` crate's kernels run (the ones candle uses, which stable Rust builds for
+/// AVX2 at most).
+pub fn gemm_f32(
+    w: &[f32],
+    x: &[f32],
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    rows: usize,
+    n_out: usize,
+    k: usize,
+) {
     #[cfg(target_arch = "x86_64")]
     if cpu_features().avx512 {
-        out.fill(0.0);
         // SAFETY: the processor has AVX-512 F.
-        unsafe { f32_avx512::gemm(w, x, out, rows, n_out, k) };
+        unsafe { f32_avx512::gemm(w, x, bias, out, rows, n_out, k) };
         return;
     }
     gemm_f32_portable(w, x, out, rows, n_out, k);
+    if let Some(bias) = bias {
+        add_bias(out, bias);
+    }
+}
+
+/// Adds `bias` to every row of `out`.
+pub(crate) fn add_bias(out: &mut [f32], bias: &[f32]) {
+    for row in out.chunks_exact_mut(bias.len()) {
+        for (value, b) in row.iter_mut().zip(bias) {
+            *value += b;
+        }
+    }
 }
 
 /// Computes [`gemm_f32`] with the `gemm` crate.
@@ -372,19 +392,51 @@ pub(crate) mod tests {
         }
     }
 
+    fn gemm_without_bias(
+        w: &[f32],
+        x: &[f32],
+        out: &mut [f32],
+        rows: usize,
+        n_out: usize,
+        k: usize,
+    ) {
+        gemm_f32(w, x, None, out, rows, n_out, k);
+    }
+
     #[test]
     fn gemm_matches_gemv() {
-        assert_products_agree(gemm_f32, gemv_f32, &[(20, 37, 300), (7, 50, 3100)]);
+        assert_products_agree(gemm_without_bias, gemv_f32, &[(20, 37, 300), (7, 50, 3100)]);
     }
 
     #[test]
     fn avx512_and_portable_gemm_agree() {
         // Shapes with partial panels, depth slices, transposed blocks and row tiles.
         let shapes = [(257, 96, 1408), (13, 37, 300), (1, 64, 16), (30, 80, 513)];
-        assert_products_agree(gemm_f32, gemm_f32_portable, &shapes);
+        assert_products_agree(gemm_without_bias, gemm_f32_portable, &shapes);
         // A single tile of each size up to the largest, and three tiles of 11 rows.
         let tiles: Vec<_> = (2..=12).chain([33]).map(|rows| (rows, 40, 300)).collect();
-        assert_products_agree(gemm_f32, gemm_f32_portable, &tiles);
+        assert_products_agree(gemm_without_bias, gemm_f32_portable, &tiles);
+    }
+
+    #[test]
+    fn gemm_adds_the_bias_once() {
+        for (rows, n_out, k) in [(257, 96, 1408), (13, 37, 300), (30, 80, 513)] {
+            let w = pseudo_random(n_out * k, 21);
+            let x = pseudo_random(rows * k, 22);
+            let bias = pseudo_random(n_out, 23);
+            // NaN checks that every output is written, not added to.
+            let mut with_bias = vec![f32::NAN; rows * n_out];
+            gemm_f32(&w, &x, Some(&bias), &mut with_bias, rows, n_out, k);
+            let mut expected = vec![0f32; rows * n_out];
+            gemm_f32_portable(&w, &x, &mut expected, rows, n_out, k);
+            add_bias(&mut expected, &bias);
+            for (i, (a, b)) in with_bias.iter().zip(&expected).enumerate() {
+                assert!(
+                    (a - b).abs() < 1e-4 * (k as f32).sqrt(),
+                    "{rows}×{n_out}×{k} output {i}: {a} vs {b}"
+                );
+            }
+        }
     }
 
     #[test]
