@@ -20,6 +20,8 @@ use crate::kernels::{cpu_features, gemm_f32, vectorized};
 
 /// Queries from which the packed path pays for packing each head's keys and values.
 const MIN_QUERIES: usize = 16;
+/// Depth in bfloat16 values of one AMX tile step (pairs of values).
+const AMX_DEPTH: usize = 2 * crate::kernels::AMX_STEP;
 
 /// Computes `softmax(scale · q·kᵀ) · v` for bfloat16 or float32 `[batch, heads,
 /// positions, head_dim]` operands without a mask, or returns `None` where this path does
@@ -124,16 +126,21 @@ fn attend(
     scale: f32,
     out: &mut [bf16],
 ) -> std::result::Result<(), String> {
-    let scores = PackedBf16::from_bf16(k, keys, head_dim)?.matmul(q, queries, None, |s| s * scale);
-    let mut weights = vec![bf16::ZERO; queries * keys];
+    // Both products sum over a depth padded with zeros to whole AMX tile steps, so that
+    // they run on AMX where the processor has it. The zeros add nothing to the sums.
+    let depth = head_dim.next_multiple_of(AMX_DEPTH);
+    let (q, k) = (pad_rows(q, head_dim, depth), pad_rows(k, head_dim, depth));
+    let scores = PackedBf16::from_bf16(&k, keys, depth)?.matmul(&q, queries, None, |s| s * scale);
+    let padded_keys = keys.next_multiple_of(AMX_DEPTH);
+    let mut weights = vec![bf16::ZERO; queries * padded_keys];
     for (row, weights) in scores
         .chunks_exact(keys)
-        .zip(weights.chunks_exact_mut(keys))
+        .zip(weights.chunks_exact_mut(padded_keys))
     {
-        softmax_row(row, weights);
+        softmax_row(row, &mut weights[..keys]);
     }
-    let transposed = transpose(v, keys, head_dim);
-    let attended = PackedBf16::from_bf16(&transposed, head_dim, keys)?.matmul(
+    let transposed = pad_rows(&transpose(v, keys, head_dim), keys, padded_keys);
+    let attended = PackedBf16::from_bf16(&transposed, head_dim, padded_keys)?.matmul(
         &weights,
         queries,
         None,
@@ -176,6 +183,18 @@ fn attend_f32(
         head_dim,
         keys,
     );
+}
+
+/// Copies `values` `[rows, cols]` into rows of `width ≥ cols` values, zeros after `cols`.
+fn pad_rows<T: Copy + Default>(values: &[T], cols: usize, width: usize) -> Vec<T> {
+    let mut padded = vec![T::default(); values.len() / cols * width];
+    for (row, padded) in values
+        .chunks_exact(cols)
+        .zip(padded.chunks_exact_mut(width))
+    {
+        padded[..cols].copy_from_slice(row);
+    }
+    padded
 }
 
 /// Transposes `values` `[rows, cols]` to `[cols, rows]`, because the value product

@@ -25,6 +25,10 @@ pub mod packed_bf16;
 pub mod packed_i8;
 pub mod quant;
 
+/// Packed values (bfloat16 pairs, byte quads) per step of the AMX kernels, which take only
+/// depths that are a multiple of it.
+pub(crate) use amx::STEP as AMX_STEP;
+
 pub(crate) use packed_bf16::round_to_bf16;
 
 use rayon::prelude::*;
