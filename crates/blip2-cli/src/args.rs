@@ -138,7 +138,7 @@ pub struct DecodingArgs {
     pub repetition_penalty: Option<f32>,
 
     /// Exponent of beam search's length normalisation (above 0 favours longer texts).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub length_penalty: Option<f32>,
 
     /// Forbid repeating any n-gram of this many tokens (0 disables).

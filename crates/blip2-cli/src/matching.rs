@@ -133,8 +133,16 @@ fn parse_labels(labels: &str) -> anyhow::Result<Vec<String>> {
 /// Runs `blip2 classify`; fails when any image could not be classified.
 pub fn run_classify(args: ClassifyArgs) -> anyhow::Result<ExitCode> {
     let labels = parse_labels(&args.labels)?;
-    let template = blip2_pipeline::QuestionTemplate::new(&args.template)?;
-    let texts: Vec<String> = labels.iter().map(|label| template.fill(label)).collect();
+    if args.template.matches("{}").count() != 1 {
+        anyhow::bail!(
+            "the --template {:?} must contain exactly one {{}} where the label goes",
+            args.template
+        );
+    }
+    let texts: Vec<String> = labels
+        .iter()
+        .map(|label| args.template.replacen("{}", label, 1))
+        .collect();
     let text_refs: Vec<&str> = texts.iter().map(String::as_str).collect();
     let blip2 = args.model.load(DEFAULT_RETRIEVAL_MODEL)?;
 

@@ -267,7 +267,7 @@ impl Blip2 {
     ) -> Result<Vec<SearchResult>> {
         let manifest = self.index_manifest(&index.manifest().model)?;
         index.check_model(&IndexManifest {
-            model: "the loaded model".into(),
+            model: self.files().dir.display().to_string(),
             ..manifest
         })?;
         let text = self.text_embeds(&[query])?.squeeze(0)?.to_vec1::<f32>()?;

@@ -248,6 +248,13 @@ impl GenerationOptions {
                 self.repetition_penalty
             ));
         }
+        if self.num_beams > 1 && self.do_sample {
+            return Err(format!(
+                "sampling runs with one beam, got num_beams {}; use beam search or sampling, \
+                 not both",
+                self.num_beams
+            ));
+        }
         if !self.length_penalty.is_finite() {
             return Err(format!(
                 "length_penalty must be finite, got {}",
@@ -305,6 +312,17 @@ mod tests {
             EarlyStopping::Never
         );
         assert!(parse(r#"{"early_stopping": "sometimes"}"#).is_err());
+    }
+
+    #[test]
+    fn beams_with_sampling_are_rejected() {
+        let mut options = GenerationOptions::from_config(&GenerationConfig::default(), 30);
+        options.num_beams = 3;
+        options.do_sample = true;
+        let message = options.validate().unwrap_err();
+        assert!(message.contains("num_beams 3"), "{message}");
+        options.num_beams = 1;
+        assert_eq!(options.validate(), Ok(()));
     }
 
     #[test]

@@ -59,9 +59,6 @@ pub fn generate(
     if prompts.is_empty() {
         return Ok(Vec::new());
     }
-    if options.num_beams > 1 && options.do_sample {
-        candle_core::bail!("beam sampling (num_beams > 1 with do_sample) is not supported");
-    }
     let (embeds, mask) = left_pad(prompts, model.dtype())?;
     let _span = tracing::debug_span!("generate", batch = prompts.len(), beams = options.num_beams)
         .entered();
