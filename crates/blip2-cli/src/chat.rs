@@ -99,7 +99,10 @@ fn ask_one(
         result
     };
     match result {
-        Ok(answer) if answer.dropped_turns > 0 => {
+        Ok(answer) if answer.dropped_turns == 1 => {
+            eprintln!("(the oldest turn was left out to fit the model's context)");
+        }
+        Ok(answer) if answer.dropped_turns > 1 => {
             eprintln!(
                 "(the {} oldest turns were left out to fit the model's context)",
                 answer.dropped_turns

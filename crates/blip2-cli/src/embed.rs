@@ -83,7 +83,7 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<ExitCode> {
             }
             Err(error) => {
                 failures += 1;
-                eprintln!("error: {error:#}");
+                eprintln!("error: {}", crate::error_message(&error));
             }
         }
     }

@@ -85,8 +85,38 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", error_message(&error));
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// Returns the error and its causes, joined by colons. A cause whose text the message already
+/// contains is left out: many errors quote their cause, and the chain would repeat it.
+pub(crate) fn error_message(error: &anyhow::Error) -> String {
+    let mut message = error.to_string();
+    for cause in error.chain().skip(1) {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+    }
+    message
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_message;
+
+    #[test]
+    fn quoted_causes_are_not_repeated() {
+        let cause = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let quoting = anyhow::Error::new(cause).context("cannot read a.png: no such file");
+        assert_eq!(error_message(&quoting), "cannot read a.png: no such file");
+
+        let cause = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let plain = anyhow::Error::new(cause).context("cannot read a.png");
+        assert_eq!(error_message(&plain), "cannot read a.png: no such file");
     }
 }

@@ -159,10 +159,10 @@ pub fn run_classify(args: ClassifyArgs) -> anyhow::Result<ExitCode> {
                 if args.json {
                     println!(
                         "{}",
-                        serde_json::json!({ "image": path.display().to_string(), "error": format!("{error:#}") })
+                        serde_json::json!({ "image": path.display().to_string(), "error": crate::error_message(&error) })
                     );
                 } else {
-                    eprintln!("error: {error:#}");
+                    eprintln!("error: {}", crate::error_message(&error));
                 }
                 continue;
             }
