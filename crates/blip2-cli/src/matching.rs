@@ -133,16 +133,14 @@ fn parse_labels(labels: &str) -> anyhow::Result<Vec<String>> {
 /// Runs `blip2 classify`; fails when any image could not be classified.
 pub fn run_classify(args: ClassifyArgs) -> anyhow::Result<ExitCode> {
     let labels = parse_labels(&args.labels)?;
-    if args.template.matches("{}").count() != 1 {
-        anyhow::bail!(
+    // The label goes where a question template puts its question.
+    let template = blip2_pipeline::QuestionTemplate::new(&args.template).map_err(|_| {
+        anyhow::anyhow!(
             "the --template {:?} must contain exactly one {{}} where the label goes",
             args.template
-        );
-    }
-    let texts: Vec<String> = labels
-        .iter()
-        .map(|label| args.template.replacen("{}", label, 1))
-        .collect();
+        )
+    })?;
+    let texts: Vec<String> = labels.iter().map(|label| template.fill(label)).collect();
     let text_refs: Vec<&str> = texts.iter().map(String::as_str).collect();
     let blip2 = args.model.load(DEFAULT_RETRIEVAL_MODEL)?;
 

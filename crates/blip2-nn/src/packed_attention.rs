@@ -9,6 +9,8 @@
 //! the values. In float32 the same head-by-head order keeps each head's scores in the
 //! cache and runs both products on the AVX-512 kernel rather than the `gemm` crate's.
 
+use std::borrow::Cow;
+
 use candle_core::{DType, Result, Tensor};
 use half::bf16;
 use rayon::prelude::*;
@@ -139,7 +141,8 @@ fn attend(
     {
         softmax_row(row, &mut weights[..keys]);
     }
-    let transposed = pad_rows(&transpose(v, keys, head_dim), keys, padded_keys);
+    let transposed = transpose(v, keys, head_dim);
+    let transposed = pad_rows(&transposed, keys, padded_keys);
     let attended = PackedBf16::from_bf16(&transposed, head_dim, padded_keys)?.matmul(
         &weights,
         queries,
@@ -185,8 +188,12 @@ fn attend_f32(
     );
 }
 
-/// Copies `values` `[rows, cols]` into rows of `width ≥ cols` values, zeros after `cols`.
-fn pad_rows<T: Copy + Default>(values: &[T], cols: usize, width: usize) -> Vec<T> {
+/// Returns `values` `[rows, cols]` as rows of `width ≥ cols` values, zeros after `cols`
+/// (`values` itself when the width is already `cols`).
+fn pad_rows<T: Copy + Default>(values: &[T], cols: usize, width: usize) -> Cow<'_, [T]> {
+    if width == cols {
+        return Cow::Borrowed(values);
+    }
     let mut padded = vec![T::default(); values.len() / cols * width];
     for (row, padded) in values
         .chunks_exact(cols)
@@ -194,7 +201,7 @@ fn pad_rows<T: Copy + Default>(values: &[T], cols: usize, width: usize) -> Vec<T
     {
         padded[..cols].copy_from_slice(row);
     }
-    padded
+    Cow::Owned(padded)
 }
 
 /// Transposes `values` `[rows, cols]` to `[cols, rows]`, because the value product

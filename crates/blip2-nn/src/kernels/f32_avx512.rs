@@ -23,6 +23,7 @@ const DEPTH: usize = 256;
 /// 128 rows they ran as fast or a little faster, and with the vision encoder's 257 rows a
 /// few per cent slower.
 const SHALLOW_DEPTH: usize = 128;
+/// The most input rows that take `SHALLOW_DEPTH`.
 const SHALLOW_ROWS: usize = 128;
 /// Input rows of the largest register tile: 12 rows × 2 vectors of sums. Tiles have 1
 /// to this many rows.
