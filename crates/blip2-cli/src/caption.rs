@@ -130,13 +130,16 @@ fn print_result(
     }
 }
 
+/// Captions one batch, with one result per image: an image that cannot be read gets its
+/// own error. An error of the model itself would be the same for every image, so it is
+/// returned as the error of the whole run instead.
 fn caption_batch(
     blip2: &Blip2,
     paths: &[PathBuf],
     prompt: &str,
     options: &GenerationOptions,
     image_args: &ImageArgs,
-) -> Vec<Result<Vec<Caption>, String>> {
+) -> anyhow::Result<Vec<Result<Vec<Caption>, String>>> {
     let load_options = image_args.load_options();
     let mut results: Vec<Option<Result<Vec<Caption>, String>>> = vec![None; paths.len()];
     let mut good = Vec::new();
@@ -157,33 +160,26 @@ fn caption_batch(
     }
     if !good.is_empty() {
         let prompts = vec![prompt; good.len()];
-        let outcome = blip2
-            .stack_pixels(&pixels)
-            .and_then(|tensor| blip2.generate(&tensor, &prompts, options));
-        match outcome {
-            Ok(captions) => {
-                for (i, captions) in good.iter().zip(captions) {
-                    results[*i] = Some(Ok(captions));
-                }
-            }
-            Err(error) => {
-                let message = error.to_string();
-                for i in good {
-                    results[i] = Some(Err(message.clone()));
-                }
-            }
+        let tensor = blip2.stack_pixels(&pixels)?;
+        let captions = blip2.generate(&tensor, &prompts, options)?;
+        for (i, captions) in good.iter().zip(captions) {
+            results[*i] = Some(Ok(captions));
         }
     }
-    results
+    Ok(results
         .into_iter()
         .map(|r| r.unwrap_or_else(|| Err("not processed".into())))
-        .collect()
+        .collect())
 }
 
 /// Runs `blip2 caption`; exits with failure when any image could not be captioned.
 pub fn run(args: CaptionArgs) -> anyhow::Result<ExitCode> {
     let blip2 = args.model.load(crate::args::DEFAULT_CAPTION_MODEL)?;
     let options = args.decoding.options(&blip2)?;
+    // Checked once here: a checkpoint without a language model, or a prompt and
+    // --max-new-tokens that do not fit its positions, would fail every image alike.
+    blip2.model().language_model()?;
+    blip2.check_prompt_fits(&args.prompt, &options)?;
     let several = args.images.len() > 1;
     let progress = (several && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
         let bar = indicatif::ProgressBar::new(args.images.len() as u64);
@@ -198,7 +194,12 @@ pub fn run(args: CaptionArgs) -> anyhow::Result<ExitCode> {
 
     let mut failures = 0usize;
     for chunk in args.images.chunks(args.batch_size as usize) {
-        let results = caption_batch(&blip2, chunk, &args.prompt, &options, &args.image);
+        let results = caption_batch(&blip2, chunk, &args.prompt, &options, &args.image)
+            .inspect_err(|_| {
+                if let Some(bar) = &progress {
+                    bar.finish_and_clear();
+                }
+            })?;
         for (path, result) in chunk.iter().zip(&results) {
             failures += usize::from(result.is_err());
             let print = || print_result(path, result, args.json, several);

@@ -4,6 +4,7 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use blip2_pipeline::Conversation;
 use clap::Args;
 
@@ -42,8 +43,15 @@ pub fn run(args: ChatArgs) -> anyhow::Result<ExitCode> {
     let image = args.image_args.load(&args.image)?;
     let blip2 = args.model.load(crate::args::DEFAULT_CAPTION_MODEL)?;
     let options = args.decoding.options(&blip2)?;
+    let template = args.question_args.template()?;
+    // When not even the template around an empty question fits with --max-new-tokens, no
+    // question can, so this is reported once rather than after every question.
+    blip2.model().language_model()?;
+    blip2
+        .check_prompt_fits(&template.fill(""), &options)
+        .context("no question fits the model with this --template and --max-new-tokens")?;
     let mut conversation = Conversation::new(&blip2, &image)?;
-    conversation.set_template(args.question_args.template()?);
+    conversation.set_template(template);
 
     let interactive = std::io::stdin().is_terminal();
     let prompt = || {

@@ -56,7 +56,8 @@ fn output_format(path: &Path) -> anyhow::Result<Format> {
     }
 }
 
-/// Runs `blip2 embed`; fails when any image could not be read (the others are saved).
+/// Runs `blip2 embed`; fails when any image could not be read or any text is empty (the
+/// others are saved).
 pub fn run(args: EmbedArgs) -> anyhow::Result<ExitCode> {
     let format = output_format(&args.output)?;
     let blip2 = args.model.load(DEFAULT_RETRIEVAL_MODEL)?;
@@ -71,6 +72,18 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<ExitCode> {
     let mut pixels = Vec::new();
     let mut embedded = Vec::new();
     let mut failures = 0;
+    let mut texts: Vec<&str> = Vec::new();
+    for (i, text) in args.text.iter().enumerate() {
+        if text.trim().is_empty() {
+            failures += 1;
+            eprintln!(
+                "error: --text {} ({text:?}) is empty; give words to embed",
+                i + 1
+            );
+        } else {
+            texts.push(text);
+        }
+    }
     for path in &args.images {
         let loaded = args
             .image_args
@@ -99,8 +112,7 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<ExitCode> {
     if has_projections {
         tensors.push(("image_embeds", blip2.image_embeds(&features)?));
     }
-    if !args.text.is_empty() {
-        let texts: Vec<&str> = args.text.iter().map(String::as_str).collect();
+    if !texts.is_empty() {
         tensors.push(("text_embeds", blip2.text_embeds(&texts)?));
     }
     let tensors: Vec<(&str, Tensor)> = tensors
@@ -112,9 +124,9 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<ExitCode> {
         Format::Safetensors => {
             let metadata = HashMap::from([
                 ("images".to_string(), serde_json::to_string(&embedded)?),
-                ("texts".to_string(), serde_json::to_string(&args.text)?),
+                ("texts".to_string(), serde_json::to_string(&texts)?),
             ]);
-            safetensors::serialize_to_file(
+            blip2_pipeline::write_safetensors(
                 tensors.iter().map(|(n, t)| (*n, t)),
                 Some(metadata),
                 &args.output,

@@ -22,7 +22,8 @@ pub struct MatchArgs {
     /// The image file.
     pub image: PathBuf,
 
-    /// Texts to score against the image.
+    /// Texts to score against the image (an empty one is reported, and the others are
+    /// still scored).
     #[arg(required = true)]
     pub texts: Vec<String>,
 
@@ -100,17 +101,55 @@ fn print_table(scores: &[MatchScore]) {
     }
 }
 
-/// Runs `blip2 match`.
+/// Returns the error for TEXT argument `position` (from 1) when it is empty or only
+/// whitespace, which the model would score like any other text.
+fn empty_text_error(position: usize, text: &str) -> Option<String> {
+    text.trim().is_empty().then(|| {
+        format!("TEXT {position} ({text:?}) is empty; give words to score against the image")
+    })
+}
+
+/// Runs `blip2 match`. Empty texts are reported and the others scored, with exit status 1.
 pub fn run_match(args: MatchArgs) -> anyhow::Result<ExitCode> {
-    let image = args.image_args.load(&args.image)?;
-    let blip2 = args.model.load(DEFAULT_RETRIEVAL_MODEL)?;
-    let texts: Vec<&str> = args.texts.iter().map(String::as_str).collect();
-    let scores = blip2.match_texts(&image, &texts)?;
+    let errors: Vec<Option<String>> = (args.texts.iter().enumerate())
+        .map(|(i, text)| empty_text_error(i + 1, text))
+        .collect();
+    let texts: Vec<&str> = (args.texts.iter().zip(&errors))
+        .filter(|(_, error)| error.is_none())
+        .map(|(text, _)| text.as_str())
+        .collect();
+    let mut scores = Vec::new();
+    if !texts.is_empty() {
+        let image = args.image_args.load(&args.image)?;
+        let blip2 = args.model.load(DEFAULT_RETRIEVAL_MODEL)?;
+        scores = blip2.match_texts(&image, &texts)?;
+    }
+
     if args.json {
-        let line = serde_json::json!({ "image": args.image.display().to_string(), "scores": json_scores(&scores) });
+        // One entry per TEXT in order: its scores, or the error.
+        let mut scored = json_scores(&scores).into_iter();
+        let entries: Vec<serde_json::Value> = (args.texts.iter().zip(&errors))
+            .map(|(text, error)| match error {
+                Some(error) => serde_json::json!({ "text": text, "error": error }),
+                None => serde_json::json!(scored.next()),
+            })
+            .collect();
+        let line =
+            serde_json::json!({ "image": args.image.display().to_string(), "scores": entries });
         println!("{line}");
-    } else {
+    } else if !scores.is_empty() {
         print_table(&scores);
+    }
+    let failures = errors.iter().flatten().count();
+    for error in errors.iter().flatten() {
+        eprintln!("error: {error}");
+    }
+    if failures > 0 {
+        eprintln!(
+            "{failures} of {} texts could not be scored",
+            args.texts.len()
+        );
+        return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -143,15 +182,16 @@ pub fn run_classify(args: ClassifyArgs) -> anyhow::Result<ExitCode> {
     let texts: Vec<String> = labels.iter().map(|label| template.fill(label)).collect();
     let text_refs: Vec<&str> = texts.iter().map(String::as_str).collect();
     let blip2 = args.model.load(DEFAULT_RETRIEVAL_MODEL)?;
+    // Checked once here: a checkpoint without matching heads, or a label longer than the
+    // Q-Former reads, would fail every image alike.
+    blip2.tokenize_texts(&text_refs)?;
 
     let mut failures = 0;
     for path in &args.images {
-        let result = args
-            .image_args
-            .load(path)
-            .and_then(|image| Ok(blip2.match_texts(&image, &text_refs)?));
-        let mut scores = match result {
-            Ok(scores) => scores,
+        // An image that cannot be read is reported and the others go on. An error of the
+        // model would repeat for every image, so it ends the run.
+        let mut scores = match args.image_args.load(path) {
+            Ok(image) => blip2.match_texts(&image, &text_refs)?,
             Err(error) => {
                 failures += 1;
                 if args.json {

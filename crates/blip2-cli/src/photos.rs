@@ -14,9 +14,10 @@ use crate::args::{DEFAULT_RETRIEVAL_MODEL, ImageArgs, ModelArgs};
 #[derive(Debug, Args)]
 #[command(
     after_help = "Running it again on the same folder encodes only new or changed photos, \
-drops deleted ones, and continues an interrupted run. The index is a directory: index.json (model \
-and shape), embeddings.npy (float32 [rows, queries, dim], numpy-readable) and entries.jsonl (which \
-photo is in which row). Exit status 1 when some photos could not be read (the rest are indexed)."
+drops deleted ones, and continues an interrupted run. The index is a directory: index.json (the \
+model, a local checkpoint directory as an absolute path, and the shape), embeddings.npy (float32 \
+[rows, queries, dim], numpy-readable) and entries.jsonl (which photo is in which row). Exit status \
+1 when some photos could not be read (the rest are indexed)."
 )]
 pub struct IndexArgs {
     /// The photo folder (searched recursively for JPEG, PNG, WebP, GIF, BMP and TIFF files).
@@ -35,6 +36,11 @@ pub struct IndexArgs {
 
 /// Arguments of `blip2 search`.
 #[derive(Debug, Args)]
+#[command(
+    after_help = "Without --model, the checkpoint recorded in the index is loaded. A relative \
+path there (indexes made by earlier versions store the path as typed) is taken relative to the \
+folder that contains the index."
+)]
 pub struct SearchArgs {
     /// The index directory made by `blip2 index`.
     pub index: PathBuf,
@@ -137,8 +143,14 @@ pub fn run_index(args: IndexArgs) -> anyhow::Result<ExitCode> {
 /// Runs `blip2 search`.
 pub fn run_search(args: SearchArgs) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(args.top_k > 0, "--top-k must be at least 1");
+    anyhow::ensure!(
+        !args.query.trim().is_empty(),
+        "the search text QUERY ({:?}) is empty; describe the photos to find, for example \
+         \"a cat on a red blanket\"",
+        args.query
+    );
     let mut index = PhotoIndex::open(&args.index)?;
-    let indexed_model = index.manifest().model.clone();
+    let indexed_model = index.model_location();
     let blip2 = args.model.load(&indexed_model)?;
     let candidates = args
         .rerank

@@ -485,3 +485,191 @@ fn quantize_options_are_checked() {
         assert!(!stderr.contains("panicked"), "{options:?}: {stderr}");
     }
 }
+
+#[test]
+fn whole_run_errors_are_reported_once() {
+    let temp = tempfile::tempdir().unwrap();
+    let missing = temp.path().join("missing.png").display().to_string();
+    let (chelsea, rocket, coffee) = (
+        photo("chelsea.png"),
+        photo("rocket.jpg"),
+        photo("coffee.png"),
+    );
+    let (retrieval, captioning) = (model("itm-tiny"), model("opt-tiny"));
+    let cases = [
+        (vec!["--model", &retrieval], "without a language model"),
+        (
+            vec!["--model", &captioning, "--max-new-tokens", "100"],
+            "lower max_new_tokens",
+        ),
+    ];
+    for (options, expected) in cases {
+        for json in [false, true] {
+            let mut args = vec![
+                "caption",
+                &chelsea,
+                &missing,
+                &rocket,
+                &coffee,
+                "--batch-size",
+                "2",
+            ];
+            args.extend(&options);
+            if json {
+                args.push("--json");
+            }
+            let output = blip2(&args, None);
+            assert!(!output.status.success(), "{args:?} succeeded");
+            let stderr = text(&output.stderr);
+            assert_eq!(
+                stderr.matches(expected).count(),
+                1,
+                "{args:?}: the error is reported once: {stderr}"
+            );
+            assert!(
+                !stderr.contains("images could not be captioned"),
+                "{args:?}: {stderr}"
+            );
+            assert!(
+                text(&output.stdout).is_empty(),
+                "{args:?}: nothing is captioned"
+            );
+        }
+    }
+
+    // No question of a chat fits, so the chat stops before the first one.
+    let output = blip2(
+        &[
+            "chat",
+            &chelsea,
+            "--model",
+            &captioning,
+            "--max-new-tokens",
+            "100",
+        ],
+        Some("what is this?\nand the color?\n"),
+    );
+    assert!(!output.status.success());
+    let stderr = text(&output.stderr);
+    assert_eq!(
+        stderr.matches("lower max_new_tokens").count(),
+        1,
+        "{stderr}"
+    );
+    assert!(stderr.contains("--template"), "{stderr}");
+}
+
+#[test]
+fn model_given_as_file_is_explained() {
+    let models = repo().join("tests/fixtures/models");
+    let chelsea = photo("chelsea.png");
+    let absolute = models
+        .join("opt-tiny/model.safetensors")
+        .display()
+        .to_string();
+    // A relative `dir/file` path also has the form of a hub id (`owner/name`).
+    for file in [
+        absolute.as_str(),
+        "opt-tiny/model.safetensors",
+        "opt-tiny/config.json",
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_blip2"))
+            .args(["caption", &chelsea, "--model", file])
+            .current_dir(&models)
+            .env_remove("RUST_LOG")
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "--model {file} succeeded");
+        let stderr = text(&output.stderr);
+        assert!(
+            stderr.contains(&format!("{file} is a file")),
+            "--model {file}: {stderr}"
+        );
+        assert!(
+            stderr.contains("--model expects a checkpoint directory"),
+            "--model {file}: {stderr}"
+        );
+        assert!(
+            !stderr.contains("HF_HUB_OFFLINE"),
+            "--model {file}: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn foreign_quantized_file_is_explained() {
+    let temp = tempfile::tempdir().unwrap();
+    let file = temp.path().join("opt-tiny.q4.safetensors");
+    let file_arg = file.display().to_string();
+    let output = blip2(
+        &["quantize", "--model", &model("opt-tiny"), "-o", &file_arg],
+        None,
+    );
+    assert!(output.status.success(), "{}", text(&output.stderr));
+
+    // opt-postln's fc1 has 48 outputs where opt-tiny's has 64.
+    let output = blip2(
+        &[
+            "caption",
+            &photo("chelsea.png"),
+            "--model",
+            &model("opt-postln"),
+            "--quantize",
+            &file_arg,
+        ],
+        None,
+    );
+    assert!(!output.status.success());
+    let stderr = text(&output.stderr);
+    for expected in [
+        file_arg.as_str(),
+        "was made from a different checkpoint",
+        "tensor model.decoder.layers.0.fc1.scales has shape [64, 1]",
+        "this checkpoint expects [48, 1]",
+        "blip2 quantize --model CHECKPOINT --kind q4 -o",
+    ] {
+        assert!(stderr.contains(expected), "{expected:?} missing: {stderr}");
+    }
+}
+
+#[cfg(unix)]
+#[test]
+fn quantize_output_follows_umask() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let temp = tempfile::tempdir().unwrap();
+    let file = temp.path().join("opt-tiny.q4.safetensors");
+    let output = blip2(
+        &[
+            "quantize",
+            "--model",
+            &model("opt-tiny"),
+            "-o",
+            file.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    // The binary inherits this process's umask, so a file created here gets its mode.
+    let plain = temp.path().join("plain.txt");
+    std::fs::File::create(&plain).unwrap();
+    let mode =
+        |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(
+        mode(&file),
+        mode(&plain),
+        "mode {:o} vs {:o}",
+        mode(&file),
+        mode(&plain)
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(temp.path())
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        leftovers.len(),
+        2,
+        "no temporary files are left: {leftovers:?}"
+    );
+}

@@ -370,3 +370,196 @@ fn search_ranks_repo_photos_like_reference_and_refuses_other_models() {
         text(&output.stderr)
     );
 }
+
+fn blip2_in(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_blip2"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("RUST_LOG")
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .expect("the blip2 binary starts")
+}
+
+#[test]
+fn search_resolves_relative_model_path() {
+    let temp = tempfile::tempdir().unwrap();
+    let checkpoint = temp.path().join("models/itm-tiny");
+    std::fs::create_dir_all(&checkpoint).unwrap();
+    for entry in std::fs::read_dir(model("itm-tiny")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), checkpoint.join(entry.file_name())).unwrap();
+    }
+    let photos = temp.path().join("photos");
+    std::fs::create_dir(&photos).unwrap();
+    copies(&photos, 3);
+    let elsewhere = temp.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+
+    let output = blip2_in(
+        temp.path(),
+        &[
+            "index",
+            "photos",
+            "-o",
+            "photos.index",
+            "--model",
+            "models/itm-tiny",
+        ],
+    );
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let manifest_path = temp.path().join("photos.index/index.json");
+    let mut manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&manifest_path).unwrap()).unwrap();
+    let recorded = manifest["model"].as_str().unwrap().to_owned();
+    assert!(
+        Path::new(&recorded).is_absolute(),
+        "index.json records {recorded}"
+    );
+    assert_eq!(
+        Path::new(&recorded),
+        checkpoint.canonicalize().unwrap(),
+        "index.json records the checkpoint"
+    );
+
+    let index = temp.path().join("photos.index").display().to_string();
+    let search = || blip2_in(&elsewhere, &["search", &index, "a cup of coffee", "--json"]);
+    let output = search();
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert_eq!(text(&output.stdout).lines().count(), 3);
+
+    // Indexes of earlier versions record the path as typed; it is taken relative to the
+    // folder that contains the index, not to the working directory.
+    manifest["model"] = "models/itm-tiny".into();
+    std::fs::write(&manifest_path, manifest.to_string()).unwrap();
+    let output = search();
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert_eq!(text(&output.stdout).lines().count(), 3);
+}
+
+#[test]
+fn match_reports_empty_texts() {
+    let photo = repo().join("images/chelsea.png").display().to_string();
+    let model_path = model("itm-tiny");
+    let scores_of = |texts: &[&str]| {
+        let mut args = vec!["match", photo.as_str(), "--json", "--model", &model_path];
+        args.extend(texts);
+        let output = blip2(&args);
+        let line: serde_json::Value = serde_json::from_str(text(&output.stdout).trim())
+            .unwrap_or_else(|e| panic!("{e}: {}", text(&output.stderr)));
+        (output, line["scores"].as_array().unwrap().clone())
+    };
+
+    let (output, scores) = scores_of(&["a cat", "  ", "a rocket", ""]);
+    assert!(
+        !output.status.success(),
+        "empty texts make the exit status non-zero"
+    );
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr.contains("2 of 4 texts could not be scored"),
+        "{stderr}"
+    );
+    assert_eq!(scores.len(), 4, "one entry per text: {scores:?}");
+    for (index, position) in [(1, "TEXT 2"), (3, "TEXT 4")] {
+        let error = scores[index]["error"].as_str().unwrap_or_default();
+        assert!(error.contains(position), "entry {index}: {}", scores[index]);
+        assert!(
+            error.contains("is empty"),
+            "entry {index}: {}",
+            scores[index]
+        );
+        assert!(scores[index].get("itm_probability").is_none());
+        assert!(stderr.contains(position), "{stderr}");
+    }
+    let (clean, expected) = scores_of(&["a cat", "a rocket"]);
+    assert!(clean.status.success(), "{}", text(&clean.stderr));
+    assert_eq!(scores[0], expected[0]);
+    assert_eq!(scores[2], expected[1]);
+
+    let temp = tempfile::tempdir().unwrap();
+    let output = blip2(&["search", temp.path().to_str().unwrap(), " \t"]);
+    assert!(!output.status.success());
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("QUERY"), "{stderr}");
+    assert!(stderr.contains("is empty"), "{stderr}");
+
+    let out = temp.path().join("features.safetensors");
+    let output = blip2(&[
+        "embed",
+        &photo,
+        "-o",
+        out.to_str().unwrap(),
+        "--text",
+        "a cat",
+        "--text",
+        " ",
+        "--model",
+        &model_path,
+    ]);
+    assert!(!output.status.success());
+    assert!(
+        text(&output.stderr).contains("--text 2"),
+        "{}",
+        text(&output.stderr)
+    );
+    let tensors = candle_core::safetensors::load(&out, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(
+        tensors["text_embeds"].dims(),
+        &[1, 16],
+        "the other text is embedded"
+    );
+}
+
+#[test]
+fn classify_wrong_checkpoint_fails_once() {
+    let photo = repo().join("images/chelsea.png").display().to_string();
+    let rocket = repo().join("images/rocket.jpg").display().to_string();
+    let output = blip2(&[
+        "classify",
+        &photo,
+        &rocket,
+        "--labels",
+        "a cat,a rocket",
+        "--model",
+        &model("opt-tiny"),
+    ]);
+    assert!(!output.status.success());
+    let stderr = text(&output.stderr);
+    assert_eq!(stderr.matches("no projection heads").count(), 1, "{stderr}");
+}
+
+#[cfg(unix)]
+#[test]
+fn safetensors_output_has_npy_permissions() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let temp = tempfile::tempdir().unwrap();
+    let photo = repo().join("images/rocket.jpg").display().to_string();
+    for name in ["features.safetensors", "features.npy"] {
+        let out = temp.path().join(name);
+        let output = blip2(&[
+            "embed",
+            &photo,
+            "-o",
+            out.to_str().unwrap(),
+            "--model",
+            &model("itm-tiny"),
+        ]);
+        assert!(output.status.success(), "{}", text(&output.stderr));
+    }
+    let mode = |name: &str| {
+        std::fs::metadata(temp.path().join(name))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(
+        mode("features.safetensors"),
+        mode("features.pixel_values.npy"),
+        "modes {:o} and {:o}",
+        mode("features.safetensors"),
+        mode("features.pixel_values.npy")
+    );
+}

@@ -23,7 +23,7 @@ mod t5;
 pub use cache::KvCache;
 pub use config::{OptConfig, OptSettings, T5Config, T5Settings, TextConfig};
 pub use opt::OptModel;
-pub use quantized_file::{is_quantized_file, load_quantized, save_quantized};
+pub use quantized_file::{is_quantized_file, load_quantized, save_quantized, write_safetensors};
 pub use t5::{T5Model, relative_position_bucket};
 
 pub use blip2_nn::Linear;

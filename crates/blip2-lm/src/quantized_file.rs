@@ -80,9 +80,47 @@ pub fn save_quantized(model: &mut dyn LanguageModel, path: &Path) -> Result<usiz
         ("format".to_owned(), FORMAT.to_owned()),
         ("kind".to_owned(), kind.name().to_owned()),
     ]);
-    safetensors::serialize_to_file(views, Some(metadata), path)
+    write_safetensors(views, Some(metadata), path)
         .map_err(|e| file_error(path, format!("cannot write: {e}")))?;
     Ok(buffers.len())
+}
+
+/// Writes `tensors` to the safetensors file `path`, replacing it atomically, with the
+/// permissions any newly created file there gets (on Unix, 0o666 less the umask).
+///
+/// [`safetensors::serialize_to_file`] alone leaves the file accessible to its owner only,
+/// because it writes a temporary file, created with mode 0o600, and renames it to `path`.
+pub fn write_safetensors<S, V, I>(
+    tensors: I,
+    metadata: Option<HashMap<String, String>>,
+    path: &Path,
+) -> std::result::Result<(), safetensors::SafeTensorError>
+where
+    S: AsRef<str> + Ord + std::fmt::Display,
+    V: safetensors::View,
+    I: IntoIterator<Item = (S, V)>,
+{
+    safetensors::serialize_to_file(tensors, metadata, path)?;
+    #[cfg(unix)]
+    set_new_file_permissions(path)?;
+    Ok(())
+}
+
+/// Gives `path` the permissions of a file newly created next to it. A probe file is
+/// created and removed to learn them, because the umask cannot be read without changing
+/// it for every thread, and the directory's default ACL may apply instead.
+#[cfg(unix)]
+fn set_new_file_permissions(path: &Path) -> std::io::Result<()> {
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let probe = path.with_file_name(format!(".{name}.{}.permissions", std::process::id()));
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)?;
+    let permissions = file.metadata()?.permissions();
+    drop(file);
+    std::fs::remove_file(&probe)?;
+    std::fs::set_permissions(path, permissions)
 }
 
 /// Replaces the layers of `model` with the quantized ones saved in `path`. Every layer
@@ -119,21 +157,37 @@ pub fn load_quantized(model: &mut dyn LanguageModel, path: &Path) -> Result<Quan
     for (name, linear) in model.linears_mut() {
         report.bytes_before += linear.weight_bytes();
         let (rows, cols) = (linear.out_features(), linear.in_features());
-        if !unused.remove(&format!("{name}.codes")) {
-            if cols.is_multiple_of(BLOCK) {
-                return Err(file_error(
+        let in_file = unused.remove(&format!("{name}.codes"));
+        unused.remove(&format!("{name}.scales"));
+        match (in_file, cols.is_multiple_of(BLOCK)) {
+            (true, true) => {}
+            (false, false) => {
+                report.left_dense += 1;
+                report.bytes_after += linear.weight_bytes();
+                continue;
+            }
+            (false, true) => {
+                return Err(other_checkpoint(
                     path,
-                    format!("layer {name} is missing; was the file saved from this checkpoint?"),
+                    kind,
+                    format!("it has no layer {name}, which this checkpoint quantizes"),
                 ));
             }
-            report.left_dense += 1;
-            report.bytes_after += linear.weight_bytes();
-            continue;
+            (true, false) => {
+                return Err(other_checkpoint(
+                    path,
+                    kind,
+                    format!(
+                        "it has layer {name}, which this checkpoint keeps unquantized (its input \
+                         width {cols} is not a multiple of {BLOCK})"
+                    ),
+                ));
+            }
         }
-        unused.remove(&format!("{name}.scales"));
         let scales = read_tensor(
             &tensors,
             path,
+            kind,
             &format!("{name}.scales"),
             Dtype::F32,
             &[rows, cols / BLOCK],
@@ -142,6 +196,7 @@ pub fn load_quantized(model: &mut dyn LanguageModel, path: &Path) -> Result<Quan
         let codes = read_tensor(
             &tensors,
             path,
+            kind,
             &format!("{name}.codes"),
             Dtype::U8,
             &[rows, row_bytes],
@@ -166,20 +221,36 @@ pub fn load_quantized(model: &mut dyn LanguageModel, path: &Path) -> Result<Quan
     }
 
     if let Some(extra) = unused.into_iter().collect::<BTreeSet<_>>().first() {
-        return Err(file_error(
+        return Err(other_checkpoint(
             path,
-            format!(
-                "holds {extra}, which this model does not have; was the file saved from this checkpoint?"
-            ),
+            kind,
+            format!("it has tensor {extra}, which belongs to no layer of this checkpoint"),
         ));
     }
     Ok(report)
 }
 
-/// Returns the bytes of tensor `name`, checked against the expected dtype and shape.
+/// Returns the error for a file whose layers do not match the model's. `mismatch`
+/// describes the difference, and the message gives the command that makes a file that fits.
+fn other_checkpoint(path: &Path, kind: QuantKind, mismatch: String) -> Error {
+    file_error(
+        path,
+        format!(
+            "this file of quantized layers was made from a different checkpoint: {mismatch}. \
+             Make one from this checkpoint with `blip2 quantize --model CHECKPOINT --kind {} -o \
+             {}`",
+            kind.name(),
+            path.display()
+        ),
+    )
+}
+
+/// Returns the bytes of tensor `name`, checked against the expected dtype and shape. A
+/// wrong shape means the file was made from another checkpoint.
 fn read_tensor<'a>(
     tensors: &'a SafeTensors<'a>,
     path: &Path,
+    kind: QuantKind,
     name: &str,
     dtype: Dtype,
     shape: &[usize],
@@ -187,12 +258,18 @@ fn read_tensor<'a>(
     let view = tensors
         .tensor(name)
         .map_err(|_| file_error(path, format!("tensor {name} is missing")))?;
-    if view.dtype() != dtype || view.shape() != shape {
+    if view.dtype() != dtype {
         return Err(file_error(
             path,
+            format!("tensor {name} is {:?}; expected {dtype:?}", view.dtype()),
+        ));
+    }
+    if view.shape() != shape {
+        return Err(other_checkpoint(
+            path,
+            kind,
             format!(
-                "tensor {name} is {:?} {:?}; expected {dtype:?} {shape:?}",
-                view.dtype(),
+                "tensor {name} has shape {:?}, but this checkpoint expects {shape:?}",
                 view.shape()
             ),
         ));

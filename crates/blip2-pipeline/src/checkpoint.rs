@@ -66,6 +66,11 @@ fn required(dir: &Path, name: &str, what: &str) -> Result<PathBuf> {
 impl CheckpointFiles {
     /// Lists the files of the checkpoint in `dir`, checking that the required ones exist.
     pub fn discover(dir: &Path) -> Result<Self> {
+        if dir.is_file() {
+            return Err(Error::ModelIsFile {
+                path: dir.to_owned(),
+            });
+        }
         if !dir.is_dir() {
             return Err(Error::MissingFile {
                 path: dir.to_owned(),

@@ -13,6 +13,17 @@ pub enum Error {
         what: String,
     },
 
+    /// A file was given where a checkpoint directory or hub id is expected.
+    #[error(
+        "{path} is a file, but --model expects a checkpoint directory (the one containing \
+         config.json, model.safetensors and tokenizer.json) or a Hugging Face hub id such as \
+         Salesforce/blip2-opt-2.7b"
+    )]
+    ModelIsFile {
+        /// The file.
+        path: PathBuf,
+    },
+
     /// The checkpoint has PyTorch pickle weights only.
     #[error(
         "{dir} has only PyTorch pickle weights ({file}); they are not loaded because unpickling can run \

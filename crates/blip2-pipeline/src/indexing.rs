@@ -156,13 +156,13 @@ impl Blip2 {
     }
 
     /// The `index.json` an index made with this checkpoint has; `model` is the name the
-    /// user gave it.
+    /// user gave it, recorded as an absolute path when it names a local directory.
     pub fn index_manifest(&self, model: &str) -> Result<IndexManifest> {
         let heads = self.model().retrieval_heads()?;
         Ok(IndexManifest {
             format: INDEX_FORMAT.into(),
             version: INDEX_VERSION,
-            model: model.into(),
+            model: recorded_model_name(model),
             fingerprint: self.fingerprint()?,
             num_query_tokens: self.model().config().num_query_tokens,
             embed_dim: heads.vision_projection.out_features(),
@@ -223,13 +223,14 @@ impl Blip2 {
             if report.stopped {
                 break;
             }
-            let embeddings = blip2_image::load_image(path, load_options)
+            // A photo that cannot be read is skipped. An error of the model would repeat for
+            // every photo, so it ends the run, and the photos finished so far stay indexed.
+            let pixels = blip2_image::load_image(path, load_options)
                 .map_err(Error::from)
-                .and_then(|image| self.pixel_values(std::slice::from_ref(&image)))
-                .and_then(|pixels| self.encode_images(&pixels))
-                .and_then(|features| self.image_embeds(&features));
-            let flow = match embeddings {
-                Ok(embeddings) => {
+                .and_then(|image| self.pixel_values(std::slice::from_ref(&image)));
+            let flow = match pixels {
+                Ok(pixels) => {
+                    let embeddings = self.image_embeds(&self.encode_images(&pixels)?)?;
                     let values = embeddings
                         .to_dtype(DType::F32)?
                         .flatten_all()?
@@ -281,17 +282,17 @@ impl Blip2 {
         let hits = index.search(&text, candidates.max(top_k))?;
         let mut results = Vec::with_capacity(hits.len());
         for hit in hits {
-            let features = blip2_image::load_image(&hit.path, &Default::default())
+            let pixels = blip2_image::load_image(&hit.path, &Default::default())
                 .map_err(Error::from)
-                .and_then(|image| self.pixel_values(std::slice::from_ref(&image)))
-                .and_then(|pixels| self.encode_images(&pixels));
-            let features = match features {
-                Ok(features) => features,
+                .and_then(|image| self.pixel_values(std::slice::from_ref(&image)));
+            let pixels = match pixels {
+                Ok(pixels) => pixels,
                 Err(error) => {
                     tracing::warn!(path = %hit.path.display(), %error, "cannot re-rank a photo; leaving it out");
                     continue;
                 }
             };
+            let features = self.encode_images(&pixels)?;
             let logits = self.matching_logits(&features, &[query])?.flatten_all()?;
             let probability = candle_nn::ops::softmax_last_dim(&logits)?.to_vec1::<f32>()?[1];
             let match_logit = logits.to_vec1::<f32>()?[1];
@@ -308,6 +309,16 @@ impl Blip2 {
         });
         results.truncate(top_k);
         Ok(results)
+    }
+}
+
+/// Returns the model name an index records: a local checkpoint directory as an absolute
+/// path, so that `search` finds it from any working directory, and a hub id as given.
+fn recorded_model_name(model: &str) -> String {
+    let path = Path::new(model);
+    match path.canonicalize() {
+        Ok(absolute) if path.is_dir() => absolute.display().to_string(),
+        _ => model.to_owned(),
     }
 }
 

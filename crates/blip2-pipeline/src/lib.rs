@@ -32,7 +32,7 @@ mod retrieval;
 mod tokenizer;
 
 pub use blip2_lm::generation::{EarlyStopping, GenerationConfig, GenerationOptions};
-pub use blip2_lm::is_quantized_file;
+pub use blip2_lm::{is_quantized_file, write_safetensors};
 pub use chat::{Answer, Conversation, DEFAULT_QUESTION_TEMPLATE, QuestionTemplate, TextStreamer};
 pub use checkpoint::CheckpointFiles;
 pub use config::Blip2Config;

@@ -107,11 +107,13 @@ pub struct Blip2 {
 }
 
 impl Blip2 {
-    /// Loads a checkpoint from a local directory or, for an `owner/name` id that is not
-    /// a directory, from the Hugging Face hub (see [`crate::hub`]).
+    /// Loads a checkpoint from a local directory or, for an `owner/name` id that names
+    /// nothing on disk, from the Hugging Face hub (see [`crate::hub`]).
     pub fn from_pretrained(model: &str, options: &LoadOptions) -> Result<Self> {
         let path = Path::new(model);
-        if path.is_dir() || !crate::hub::looks_like_repo_id(model) {
+        // An existing file such as `dir/model.safetensors` also looks like an `owner/name`
+        // id, so it is reported as a file rather than looked up on the hub.
+        if path.exists() || !crate::hub::looks_like_repo_id(model) {
             return Self::from_dir(path, options);
         }
         let dir = crate::hub::fetch_checkpoint(model)?;

@@ -64,6 +64,15 @@ impl Blip2 {
         if texts.is_empty() {
             return Err(Error::InvalidRequest("no texts given".into()));
         }
+        // The model scores an empty text like any other, so the score would mean nothing.
+        if let Some(position) = texts.iter().position(|text| text.trim().is_empty()) {
+            return Err(Error::InvalidRequest(format!(
+                "text {} of {} ({:?}) is empty; give words to embed or match",
+                position + 1,
+                texts.len(),
+                texts[position]
+            )));
+        }
         let heads = self.model().retrieval_heads()?;
         let limit = heads.embeddings.max_positions();
         let ids = texts

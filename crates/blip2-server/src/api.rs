@@ -11,7 +11,7 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use axum::{Json, Router};
 use blip2_pipeline::{Blip2, GenerationOptions, QuestionTemplate};
 use futures_util::StreamExt;
@@ -23,7 +23,7 @@ use tower_http::trace::TraceLayer;
 
 use crate::decoding::{DECODING_FIELDS, generation_options, server_defaults};
 use crate::error::ApiError;
-use crate::form::{Form, read_form};
+use crate::form::{Form, not_multipart, read_form};
 use crate::limits::Limits;
 use crate::queue::{CancelOnDrop, JobQueue, Ticket};
 use crate::worker::{AskSource, Job, JobEvent, Work};
@@ -120,6 +120,9 @@ pub(crate) fn router(state: AppState) -> Router {
         .with_state(state);
     Router::new()
         .nest("/api", api)
+        // The nested router does not match `/api/` itself, which would otherwise get the
+        // page's plain-text 404 instead of the API's JSON one.
+        .route("/api/", any(api_not_found))
         .merge(crate::assets::router())
         .layer(SetResponseHeaderLayer::if_not_present(
             header::CONTENT_SECURITY_POLICY,
@@ -238,6 +241,13 @@ async fn caption(
     multipart: Result<Multipart, MultipartRejection>,
 ) -> Response {
     let work = async {
+        let multipart = multipart.map_err(|_| {
+            not_multipart(
+                "/api/caption",
+                "the photo as an `image` file field",
+                &headers,
+            )
+        })?;
         let mut form = read_form(
             multipart,
             &[CAPTION_FIELDS, DECODING_FIELDS].concat(),
@@ -266,6 +276,14 @@ async fn ask(
     multipart: Result<Multipart, MultipartRejection>,
 ) -> Response {
     let work = async {
+        let multipart = multipart.map_err(|_| {
+            not_multipart(
+                "/api/ask",
+                "a `question` field, and the photo as an `image` file field or the `session` \
+                 of an earlier answer",
+                &headers,
+            )
+        })?;
         let mut form = read_form(
             multipart,
             &[ASK_FIELDS, DECODING_FIELDS].concat(),
@@ -320,9 +338,17 @@ async fn ask(
 
 async fn embed(
     State(state): State<AppState>,
+    headers: HeaderMap,
     multipart: Result<Multipart, MultipartRejection>,
 ) -> Response {
     let work = async {
+        let multipart = multipart.map_err(|_| {
+            not_multipart(
+                "/api/embed",
+                "the photo as an `image` file field, one or more `text` fields, or both",
+                &headers,
+            )
+        })?;
         let mut form: Form = read_form(multipart, &[], true, &state.0.limits).await?;
         if !form.texts.is_empty() {
             state.require_retrieval("`text` fields of /api/embed (text embeddings)")?;
@@ -342,9 +368,17 @@ async fn embed(
 
 async fn match_texts(
     State(state): State<AppState>,
+    headers: HeaderMap,
     multipart: Result<Multipart, MultipartRejection>,
 ) -> Response {
     let work = async {
+        let multipart = multipart.map_err(|_| {
+            not_multipart(
+                "/api/match",
+                "the photo as an `image` file field and one or more `text` fields",
+                &headers,
+            )
+        })?;
         let mut form: Form = read_form(multipart, &[], true, &state.0.limits).await?;
         state.require_retrieval("/api/match")?;
         let image = form.take_image()?;

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 
 use axum::body::Bytes;
 use axum::extract::Multipart;
-use axum::extract::multipart::{MultipartError, MultipartRejection};
-use axum::http::StatusCode;
+use axum::extract::multipart::MultipartError;
+use axum::http::{HeaderMap, StatusCode, header};
 
 use crate::error::ApiError;
 use crate::limits::Limits;
@@ -32,24 +32,42 @@ pub(crate) struct Form {
     fields: BTreeMap<String, String>,
 }
 
+/// Returns the `415` error for a request to `endpoint` that is not `multipart/form-data`
+/// (axum also rejects a multipart request without a boundary). `fields` describes what the
+/// form must contain.
+pub(crate) fn not_multipart(endpoint: &str, fields: &str, headers: &HeaderMap) -> ApiError {
+    let sent = match headers
+        .get(header::CONTENT_TYPE)
+        .map(|value| printable(&String::from_utf8_lossy(value.as_bytes())))
+    {
+        None => "has no Content-Type".to_owned(),
+        Some(content_type)
+            if content_type
+                .to_ascii_lowercase()
+                .starts_with("multipart/form-data") =>
+        {
+            format!("is {content_type}, without a boundary")
+        }
+        Some(content_type) => format!("is {content_type}"),
+    };
+    ApiError::new(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+        format!(
+            "{endpoint} takes multipart/form-data (curl -F name=value) with {fields}, but this \
+             request {sent}"
+        ),
+    )
+}
+
 /// Reads every field of a multipart request; `allowed` lists the single-valued fields
 /// the endpoint takes besides `image` and (when `texts_allowed`) `text`.
 pub(crate) async fn read_form(
-    multipart: Result<Multipart, MultipartRejection>,
+    mut multipart: Multipart,
     allowed: &[&str],
     texts_allowed: bool,
     limits: &Limits,
 ) -> Result<Form, ApiError> {
-    let mut multipart = multipart.map_err(|rejection| {
-        ApiError::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            format!(
-                "send the request as multipart/form-data (curl -F name=value): {}",
-                rejection.body_text()
-            ),
-        )
-    })?;
     let mut form = Form::default();
     while let Some(field) = multipart
         .next_field()
@@ -80,6 +98,13 @@ pub(crate) async fn read_form(
             }
             "text" if texts_allowed => {
                 let text = field_text(field, "text", limits).await?;
+                // The model would score an empty text like any other.
+                if text.trim().is_empty() {
+                    return Err(ApiError::invalid_request(format!(
+                        "`text` field {} is empty; send words to embed or score",
+                        form.texts.len() + 1
+                    )));
+                }
                 if form.texts.len() == limits.max_texts {
                     return Err(ApiError::over_limit(
                         StatusCode::BAD_REQUEST,

@@ -509,6 +509,96 @@ async fn malformed_requests_get_json_errors() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_multipart_bodies_get_json_415() {
+    let server = TestServer::start(CAPTIONING, Limits::default()).await;
+    let client = client();
+    let cases = [
+        ("/api/caption", "`image` file field"),
+        ("/api/ask", "`question` field"),
+        ("/api/embed", "`text` fields"),
+        ("/api/match", "`text` fields"),
+    ];
+    for (path, fields) in cases {
+        let response = client
+            .post(server.url(path))
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(r#"{"image": "cat.jpg"}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            response.status(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "{path}"
+        );
+        let (_, body) = json_of(response).await;
+        let message = error_message(&body, "unsupported_media_type");
+        assert!(message.starts_with(path), "{path}: {message}");
+        assert!(message.contains("multipart/form-data"), "{path}: {message}");
+        assert!(message.contains(fields), "{path}: {message}");
+        assert!(
+            message.contains("this request is application/json"),
+            "{path}: {message}"
+        );
+    }
+
+    let response = client
+        .post(server.url("/api/caption"))
+        .body("photo bytes")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let (_, body) = json_of(response).await;
+    let message = error_message(&body, "unsupported_media_type");
+    assert!(message.contains("has no Content-Type"), "{message}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_api_paths_get_json_404() {
+    let server = TestServer::start(CAPTIONING, Limits::default()).await;
+    let client = client();
+    for path in ["/api", "/api/", "/api//caption", "/api/caption/extra"] {
+        for method in [reqwest::Method::GET, reqwest::Method::POST] {
+            let response = client
+                .request(method.clone(), server.url(path))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), StatusCode::NOT_FOUND, "{method} {path}");
+            let (_, body) = json_of(response).await;
+            let message = error_message(&body, "not_found");
+            assert!(message.contains(path), "{method} {path}: {message}");
+        }
+    }
+
+    // Outside /api the page's plain-text 404 stays.
+    let response = client.get(server.url("/apix")).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    assert_eq!(response.text().await.unwrap(), "not found\n");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_text_fields_are_rejected() {
+    let server = TestServer::start(RETRIEVAL, Limits::default()).await;
+    for path in ["/api/match", "/api/embed"] {
+        let form = photo_form("rocket.jpg")
+            .text("text", "a rocket")
+            .text("text", " \t ");
+        let (status, body) = post_json(&server, path, form).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path}");
+        let message = error_message(&body, "invalid_request");
+        assert!(
+            message.contains("`text` field 2 is empty"),
+            "{path}: {message}"
+        );
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn page_and_examples_are_embedded() {
     let server = TestServer::start(CAPTIONING, Limits::default()).await;
     let client = client();

@@ -44,7 +44,8 @@ pub struct IndexManifest {
     pub format: String,
     /// Always [`INDEX_VERSION`].
     pub version: u32,
-    /// The model as the user named it (hub id or directory).
+    /// The model as the user named it: a hub id, or a checkpoint directory as an absolute
+    /// path (earlier versions stored the path as typed, which may be relative).
     pub model: String,
     /// A fingerprint of the checkpoint's files (see [`crate::Blip2::fingerprint`]).
     pub fingerprint: String,
@@ -237,6 +238,29 @@ impl PhotoIndex {
             });
         }
         Ok(())
+    }
+
+    /// Returns the checkpoint the index was made with, as [`crate::Blip2::from_pretrained`]
+    /// takes it.
+    ///
+    /// A relative path in `model` comes from an index made by an earlier version, which
+    /// stored the path as typed. It is resolved against the folder that contains the index,
+    /// which was the working directory when the index was made with `-o NAME`, rather than
+    /// against the current working directory. When no directory is there, the name is
+    /// returned as stored: a hub id, or a path that only the original working directory
+    /// can resolve.
+    pub fn model_location(&self) -> String {
+        let model = Path::new(&self.manifest.model);
+        if model.is_relative() {
+            let index_dir = self.dir.canonicalize().ok();
+            let folder = index_dir.and_then(|dir| dir.parent().map(Path::to_path_buf));
+            if let Some(resolved) = folder.map(|folder| folder.join(model))
+                && resolved.is_dir()
+            {
+                return resolved.display().to_string();
+            }
+        }
+        self.manifest.model.clone()
     }
 
     /// `index.json`.
