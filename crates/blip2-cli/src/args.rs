@@ -245,6 +245,17 @@ pub struct ImageArgs {
     /// default photos are turned the way a viewer shows them).
     #[arg(long)]
     pub no_exif_orientation: bool,
+
+    /// Largest image accepted, in pixels (width × height), checked on the file's header
+    /// before it is decoded; the default is where Pillow raises DecompressionBombError.
+    /// Raise it only for trusted files.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 2 * blip2_image::PIL_MAX_IMAGE_PIXELS,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub max_pixels: u64,
 }
 
 impl ImageArgs {
@@ -252,7 +263,7 @@ impl ImageArgs {
     pub fn load_options(&self) -> blip2_image::LoadOptions {
         blip2_image::LoadOptions {
             apply_exif_orientation: !self.no_exif_orientation,
-            ..Default::default()
+            max_pixels: self.max_pixels,
         }
     }
 

@@ -1,6 +1,5 @@
 //! `blip2 ask`: answer one question about an image, printing the answer as it is generated.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -9,6 +8,7 @@ use clap::Args;
 use serde::Serialize;
 
 use crate::args::{DecodingArgs, ImageArgs, ModelArgs, QuestionArgs};
+use crate::output::{Pieces, out};
 
 /// Arguments of `blip2 ask`.
 #[derive(Debug, Args)]
@@ -50,13 +50,6 @@ pub struct JsonAnswer<'a> {
     pub dropped_turns: usize,
 }
 
-/// Prints text pieces to standard output as they arrive.
-pub fn print_piece(piece: &str) {
-    let mut stdout = std::io::stdout().lock();
-    let _ = stdout.write_all(piece.as_bytes());
-    let _ = stdout.flush();
-}
-
 /// Runs `blip2 ask`.
 pub fn run(args: AskArgs) -> anyhow::Result<ExitCode> {
     let image = args.image_args.load(&args.image)?;
@@ -72,11 +65,16 @@ pub fn run(args: AskArgs) -> anyhow::Result<ExitCode> {
             token_ids: &answer.token_ids,
             dropped_turns: answer.dropped_turns,
         };
-        println!("{}", serde_json::to_string(&line)?);
+        out!("{}", serde_json::to_string(&line)?)?;
     } else {
-        let mut print = |piece: &str| print_piece(piece);
-        conversation.ask(&args.question, &options, Some(&mut print))?;
-        println!();
+        let mut pieces = Pieces::default();
+        conversation.ask(
+            &args.question,
+            &options,
+            Some(&mut |piece| pieces.write(piece)),
+        )?;
+        pieces.finish()?;
+        out!()?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -1,6 +1,5 @@
 //! `blip2 caption`: one caption (or prompt continuation) per image.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -9,6 +8,7 @@ use clap::Args;
 use serde::Serialize;
 
 use crate::args::{DecodingArgs, ImageArgs, ModelArgs};
+use crate::output::{OutputError, out};
 
 /// Arguments of `blip2 caption`.
 #[derive(Debug, Args)]
@@ -71,9 +71,8 @@ fn print_result(
     result: &Result<Vec<Caption>, String>,
     json: bool,
     several: bool,
-) {
+) -> Result<(), OutputError> {
     let image = path.display().to_string();
-    let mut stdout = std::io::stdout().lock();
     match (result, json) {
         (Ok(captions), true) => {
             let best = &captions[0];
@@ -95,11 +94,7 @@ fn print_result(
                 }),
                 error: None,
             };
-            let _ = writeln!(
-                stdout,
-                "{}",
-                serde_json::to_string(&line).unwrap_or_default()
-            );
+            out!("{}", serde_json::to_string(&line).unwrap_or_default())?;
         }
         (Err(error), true) => {
             let line = JsonLine {
@@ -111,23 +106,20 @@ fn print_result(
                 alternatives: None,
                 error: Some(error.clone()),
             };
-            let _ = writeln!(
-                stdout,
-                "{}",
-                serde_json::to_string(&line).unwrap_or_default()
-            );
+            out!("{}", serde_json::to_string(&line).unwrap_or_default())?;
         }
         (Ok(captions), false) => {
             for caption in captions {
                 if several {
-                    let _ = writeln!(stdout, "{image}: {}", caption.text);
+                    out!("{image}: {}", caption.text)?;
                 } else {
-                    let _ = writeln!(stdout, "{}", caption.text);
+                    out!("{}", caption.text)?;
                 }
             }
         }
         (Err(error), false) => eprintln!("error: {error}"),
     }
+    Ok(())
 }
 
 /// Captions one batch, with one result per image: an image that cannot be read gets its
@@ -174,6 +166,13 @@ fn caption_batch(
 
 /// Runs `blip2 caption`; exits with failure when any image could not be captioned.
 pub fn run(args: CaptionArgs) -> anyhow::Result<ExitCode> {
+    // Only whitespace would be fed to the model as a prompt, which is surely not meant.
+    anyhow::ensure!(
+        args.prompt.is_empty() || !args.prompt.trim().is_empty(),
+        "--prompt {:?} is only whitespace; give words for the caption to continue, or leave \
+         --prompt out for a plain caption",
+        args.prompt
+    );
     let blip2 = args.model.load(crate::args::DEFAULT_CAPTION_MODEL)?;
     let options = args.decoding.options(&blip2)?;
     // Checked once here: a checkpoint without a language model, or a prompt and
@@ -204,8 +203,8 @@ pub fn run(args: CaptionArgs) -> anyhow::Result<ExitCode> {
             failures += usize::from(result.is_err());
             let print = || print_result(path, result, args.json, several);
             match &progress {
-                Some(bar) => bar.suspend(print),
-                None => print(),
+                Some(bar) => bar.suspend(print)?,
+                None => print()?,
             }
         }
         if let Some(bar) = &progress {

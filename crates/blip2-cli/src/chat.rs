@@ -9,7 +9,8 @@ use blip2_pipeline::Conversation;
 use clap::Args;
 
 use crate::args::{DecodingArgs, ImageArgs, ModelArgs, QuestionArgs};
-use crate::ask::{JsonAnswer, print_piece};
+use crate::ask::JsonAnswer;
+use crate::output::{OutputError, Pieces, out};
 
 /// Arguments of `blip2 chat`.
 #[derive(Debug, Args)]
@@ -71,7 +72,7 @@ pub fn run(args: ChatArgs) -> anyhow::Result<ExitCode> {
                 conversation.reset();
                 eprintln!("(conversation reset; the image stays loaded)");
             }
-            _ => ask_one(&mut conversation, question, &options, args.json),
+            _ => ask_one(&mut conversation, question, &options, args.json)?,
         }
         prompt();
     }
@@ -81,28 +82,32 @@ pub fn run(args: ChatArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Answers one question; errors are reported and the conversation goes on.
+/// Answers one question. An error of the model is reported and the conversation goes
+/// on; one writing the answer ends it.
 fn ask_one(
     conversation: &mut Conversation<'_>,
     question: &str,
     options: &blip2_pipeline::GenerationOptions,
     json: bool,
-) {
+) -> Result<(), OutputError> {
     let result = if json {
-        conversation.ask(question, options, None).inspect(|answer| {
+        let result = conversation.ask(question, options, None);
+        if let Ok(answer) = &result {
             let line = JsonAnswer {
                 question,
                 answer: &answer.text,
                 token_ids: &answer.token_ids,
                 dropped_turns: answer.dropped_turns,
             };
-            println!("{}", serde_json::to_string(&line).unwrap_or_default());
-        })
+            out!("{}", serde_json::to_string(&line).unwrap_or_default())?;
+        }
+        result
     } else {
-        let mut print = |piece: &str| print_piece(piece);
-        let result = conversation.ask(question, options, Some(&mut print));
+        let mut pieces = Pieces::default();
+        let result = conversation.ask(question, options, Some(&mut |piece| pieces.write(piece)));
+        pieces.finish()?;
         if result.is_ok() {
-            println!();
+            out!()?;
         }
         result
     };
@@ -119,4 +124,5 @@ fn ask_one(
         Ok(_) => {}
         Err(error) => eprintln!("error: {error}"),
     }
+    Ok(())
 }

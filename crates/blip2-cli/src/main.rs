@@ -6,6 +6,7 @@ mod caption;
 mod chat;
 mod embed;
 mod matching;
+mod output;
 mod photos;
 mod quantize;
 mod serve;
@@ -84,6 +85,7 @@ fn main() -> std::process::ExitCode {
     };
     match result {
         Ok(code) => code,
+        Err(error) if output::is_closed_pipe(&error) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {}", error_message(&error));
             std::process::ExitCode::FAILURE

@@ -1,6 +1,5 @@
 //! `blip2 match` and `blip2 classify`: how well texts describe images.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -9,6 +8,7 @@ use clap::Args;
 use serde::Serialize;
 
 use crate::args::{DEFAULT_RETRIEVAL_MODEL, ImageArgs, ModelArgs};
+use crate::output::{OutputError, out};
 
 /// Arguments of `blip2 match`.
 #[derive(Debug, Args)]
@@ -89,16 +89,17 @@ fn json_scores(scores: &[MatchScore]) -> Vec<JsonScore<'_>> {
         .collect()
 }
 
-fn print_table(scores: &[MatchScore]) {
-    let mut stdout = std::io::stdout().lock();
-    let _ = writeln!(stdout, "{:>8}  {:>8}  text", "ITM", "ITC");
+fn print_table(scores: &[MatchScore]) -> Result<(), OutputError> {
+    out!("{:>8}  {:>8}  text", "ITM", "ITC")?;
     for score in scores {
-        let _ = writeln!(
-            stdout,
+        out!(
             "{:>8.4}  {:>8.4}  {}",
-            score.itm_probability, score.itc_similarity, score.text
-        );
+            score.itm_probability,
+            score.itc_similarity,
+            score.text
+        )?;
     }
+    Ok(())
 }
 
 /// Returns the error for TEXT argument `position` (from 1) when it is empty or only
@@ -109,20 +110,37 @@ fn empty_text_error(position: usize, text: &str) -> Option<String> {
     })
 }
 
-/// Runs `blip2 match`. Empty texts are reported and the others scored, with exit status 1.
+/// Runs `blip2 match`. Texts that are empty or too long for the Q-Former are reported and
+/// the others scored, with exit status 1.
 pub fn run_match(args: MatchArgs) -> anyhow::Result<ExitCode> {
-    let errors: Vec<Option<String>> = (args.texts.iter().enumerate())
+    let mut errors: Vec<Option<String>> = (args.texts.iter().enumerate())
         .map(|(i, text)| empty_text_error(i + 1, text))
         .collect();
-    let texts: Vec<&str> = (args.texts.iter().zip(&errors))
-        .filter(|(_, error)| error.is_none())
-        .map(|(text, _)| text.as_str())
-        .collect();
     let mut scores = Vec::new();
-    if !texts.is_empty() {
+    if errors.iter().any(Option::is_none) {
         let image = args.image_args.load(&args.image)?;
         let blip2 = args.model.load(DEFAULT_RETRIEVAL_MODEL)?;
-        scores = blip2.match_texts(&image, &texts)?;
+        // Checked one by one, so that a text too long for the Q-Former is reported by its
+        // position and the others are still scored. A checkpoint without matching heads
+        // fails the first text and ends the run.
+        for (i, (text, error)) in args.texts.iter().zip(&mut errors).enumerate() {
+            if error.is_none()
+                && let Err(failure) = blip2.tokenize_texts(&[text])
+            {
+                if matches!(failure, blip2_pipeline::Error::InvalidRequest(_)) {
+                    *error = Some(format!("TEXT {}: {failure}", i + 1));
+                } else {
+                    return Err(failure.into());
+                }
+            }
+        }
+        let texts: Vec<&str> = (args.texts.iter().zip(&errors))
+            .filter(|(_, error)| error.is_none())
+            .map(|(text, _)| text.as_str())
+            .collect();
+        if !texts.is_empty() {
+            scores = blip2.match_texts(&image, &texts)?;
+        }
     }
 
     if args.json {
@@ -136,9 +154,9 @@ pub fn run_match(args: MatchArgs) -> anyhow::Result<ExitCode> {
             .collect();
         let line =
             serde_json::json!({ "image": args.image.display().to_string(), "scores": entries });
-        println!("{line}");
+        out!("{line}")?;
     } else if !scores.is_empty() {
-        print_table(&scores);
+        print_table(&scores)?;
     }
     let failures = errors.iter().flatten().count();
     for error in errors.iter().flatten() {
@@ -195,10 +213,10 @@ pub fn run_classify(args: ClassifyArgs) -> anyhow::Result<ExitCode> {
             Err(error) => {
                 failures += 1;
                 if args.json {
-                    println!(
+                    out!(
                         "{}",
                         serde_json::json!({ "image": path.display().to_string(), "error": crate::error_message(&error) })
-                    );
+                    )?;
                 } else {
                     eprintln!("error: {}", crate::error_message(&error));
                 }
@@ -211,19 +229,22 @@ pub fn run_classify(args: ClassifyArgs) -> anyhow::Result<ExitCode> {
         scores.sort_by(|a, b| b.itm_probability.total_cmp(&a.itm_probability));
         if args.json {
             let line = serde_json::json!({ "image": path.display().to_string(), "labels": json_scores(&scores) });
-            println!("{line}");
+            out!("{line}")?;
         } else {
             if args.images.len() > 1 {
-                println!("{}:", path.display());
+                out!("{}:", path.display())?;
             }
-            print_table(&scores);
+            print_table(&scores)?;
         }
     }
-    Ok(if failures > 0 {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    })
+    if failures > 0 {
+        eprintln!(
+            "{failures} of {} images could not be classified",
+            args.images.len()
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 #[cfg(test)]

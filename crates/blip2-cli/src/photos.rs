@@ -1,7 +1,7 @@
 //! `blip2 index` and `blip2 search`: a searchable index of a photo folder.
 
 use std::ops::ControlFlow;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use blip2_pipeline::IndexEvent;
@@ -9,6 +9,7 @@ use blip2_pipeline::index::PhotoIndex;
 use clap::Args;
 
 use crate::args::{DEFAULT_RETRIEVAL_MODEL, ImageArgs, ModelArgs};
+use crate::output::out;
 
 /// Arguments of `blip2 index`.
 #[derive(Debug, Args)]
@@ -39,7 +40,8 @@ pub struct IndexArgs {
 #[command(
     after_help = "Without --model, the checkpoint recorded in the index is loaded. A relative \
 path there (indexes made by earlier versions store the path as typed) is taken relative to the \
-folder that contains the index."
+folder that contains the index. With --rerank, a candidate photo that can no longer be read is \
+reported (in --json as {\"path\": ..., \"error\": ...}) and left out, and the exit status is 1."
 )]
 pub struct SearchArgs {
     /// The index directory made by `blip2 index`.
@@ -57,7 +59,7 @@ pub struct SearchArgs {
     #[arg(long)]
     pub rerank: bool,
 
-    /// Candidates to re-rank (default: four times --top-k).
+    /// Candidates to re-rank, at least --top-k (default: four times --top-k).
     #[arg(long, requires = "rerank")]
     pub candidates: Option<usize>,
 
@@ -67,6 +69,29 @@ pub struct SearchArgs {
 
     #[command(flatten)]
     pub model: ModelArgs,
+
+    #[command(flatten)]
+    pub image_args: ImageArgs,
+}
+
+/// Returns `count` and `noun`, with an `s` unless the count is one: "1 photo", "2 photos".
+fn counted(count: usize, noun: &str) -> String {
+    if count == 1 {
+        format!("{count} {noun}")
+    } else {
+        format!("{count} {noun}s")
+    }
+}
+
+/// Returns the message of an error about the photo at `path`, with the path in front unless
+/// the message names it already, as image errors do.
+fn photo_error(path: &Path, error: &str) -> String {
+    let path_text = path.display().to_string();
+    if error.contains(&path_text) {
+        error.to_owned()
+    } else {
+        format!("{path_text}: {error}")
+    }
 }
 
 /// Runs `blip2 index`.
@@ -81,7 +106,7 @@ pub fn run_index(args: IndexArgs) -> anyhow::Result<ExitCode> {
         match event {
             IndexEvent::Planned { found, to_encode } => {
                 total = to_encode;
-                eprintln!("{found} photos found, {to_encode} to encode");
+                eprintln!("{} found, {to_encode} to encode", counted(found, "photo"));
                 if interactive {
                     let progress = indicatif::ProgressBar::new(to_encode as u64);
                     progress.set_style(
@@ -102,7 +127,10 @@ pub fn run_index(args: IndexArgs) -> anyhow::Result<ExitCode> {
             }
             IndexEvent::Skipped { path, error } => {
                 done += 1;
-                let message = format!("skipped {}: {error}", path.display());
+                let message = format!(
+                    "error: {} (left out of the index)",
+                    photo_error(path, &error.to_string())
+                );
                 match &bar {
                     Some(progress) => {
                         progress.suspend(|| eprintln!("{message}"));
@@ -125,8 +153,8 @@ pub fn run_index(args: IndexArgs) -> anyhow::Result<ExitCode> {
         progress.finish_and_clear();
     }
     eprintln!(
-        "{} photos in {}: {} encoded, {} unchanged, {} removed, {} skipped",
-        report.indexed,
+        "{} in {}: {} encoded, {} unchanged, {} removed, {} skipped",
+        counted(report.indexed, "photo"),
         args.output.display(),
         report.encoded,
         report.unchanged,
@@ -140,9 +168,20 @@ pub fn run_index(args: IndexArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// Runs `blip2 search`.
+/// Runs `blip2 search`; fails when a photo to re-rank could not be read (the others are
+/// ranked).
 pub fn run_search(args: SearchArgs) -> anyhow::Result<ExitCode> {
     anyhow::ensure!(args.top_k > 0, "--top-k must be at least 1");
+    if let Some(candidates) = args.candidates {
+        anyhow::ensure!(
+            candidates >= args.top_k,
+            "--candidates {candidates} is below --top-k {}: re-ranking picks the results among \
+             the candidates, so give --candidates at least {} (or leave it out for four times \
+             --top-k)",
+            args.top_k,
+            args.top_k
+        );
+    }
     anyhow::ensure!(
         !args.query.trim().is_empty(),
         "the search text QUERY ({:?}) is empty; describe the photos to find, for example \
@@ -154,9 +193,15 @@ pub fn run_search(args: SearchArgs) -> anyhow::Result<ExitCode> {
     let blip2 = args.model.load(&indexed_model)?;
     let candidates = args
         .rerank
-        .then(|| args.candidates.unwrap_or(args.top_k * 4));
-    let results = blip2.search(&mut index, &args.query, args.top_k, candidates)?;
-    for (rank, result) in results.iter().enumerate() {
+        .then(|| args.candidates.unwrap_or(args.top_k.saturating_mul(4)));
+    let outcome = blip2.search_photos(
+        &mut index,
+        &args.query,
+        args.top_k,
+        candidates,
+        &args.image_args.load_options(),
+    )?;
+    for (rank, result) in outcome.results.iter().enumerate() {
         if args.json {
             let line = serde_json::json!({
                 "rank": rank + 1,
@@ -165,27 +210,45 @@ pub fn run_search(args: SearchArgs) -> anyhow::Result<ExitCode> {
                 "itm_probability": result.itm_probability,
                 "rerank_score": result.rerank_score,
             });
-            println!("{line}");
+            out!("{line}")?;
         } else {
             match (result.rerank_score, result.itm_probability) {
-                (Some(score), Some(probability)) => println!(
+                (Some(score), Some(probability)) => out!(
                     "{:>3}. {:>8.4} (ITM {probability:.4}, ITC {:.4})  {}",
                     rank + 1,
                     score,
                     result.itc_similarity,
                     result.path.display()
-                ),
-                _ => println!(
+                )?,
+                _ => out!(
                     "{:>3}. {:>8.4}  {}",
                     rank + 1,
                     result.itc_similarity,
                     result.path.display()
-                ),
+                )?,
             }
         }
     }
-    if results.is_empty() {
+    for (path, error) in &outcome.left_out {
+        if args.json {
+            let line = serde_json::json!({
+                "path": path.display().to_string(),
+                "error": error,
+            });
+            out!("{line}")?;
+        } else {
+            eprintln!(
+                "error: {} (left out of the re-ranking)",
+                photo_error(path, error)
+            );
+        }
+    }
+    if outcome.results.is_empty() && outcome.left_out.is_empty() {
         eprintln!("the index is empty");
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(if outcome.left_out.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

@@ -9,6 +9,7 @@ use blip2_pipeline::{Blip2, LoadOptions, parse_quantization};
 use clap::Args;
 
 use crate::args::{DEFAULT_CAPTION_MODEL, ImageArgs, set_threads};
+use crate::output::out;
 
 #[derive(Debug, Args)]
 pub struct QuantizeArgs {
@@ -78,14 +79,14 @@ pub fn run(args: QuantizeArgs) -> anyhow::Result<ExitCode> {
     if let Some(output) = &args.output {
         let layers = quantized.save_quantized_language_model(output)?;
         let bytes = std::fs::metadata(output).map(|m| m.len()).unwrap_or(0);
-        println!(
+        out!(
             "wrote {}: {} {} layer{}, {}",
             output.display(),
             layers,
             kind.name(),
             plural(layers),
             human_size(bytes)
-        );
+        )?;
     }
     if args.images.is_empty() {
         return Ok(ExitCode::SUCCESS);
@@ -111,7 +112,7 @@ pub fn run(args: QuantizeArgs) -> anyhow::Result<ExitCode> {
         let agreement = reference
             .compare_language_models(&quantized, &photos, args.positions)
             .with_context(|| format!("cannot compare over --positions {}", args.positions))?;
-        println!(
+        out!(
             "{} against float32 over {} position{} ({} photo{}): greedy agreement {:.1}% ({}/{}); \
              logit error max {:.4}, mean {:.4}; float32 logits reach {:.2}, and their top two are \
              {:.4} apart on average",
@@ -127,7 +128,7 @@ pub fn run(args: QuantizeArgs) -> anyhow::Result<ExitCode> {
             agreement.mean_abs_error(),
             agreement.max_abs_logit,
             agreement.mean_top_gap()
-        );
+        )?;
     }
     if photos.is_empty() {
         eprintln!("no photo could be read, so nothing was measured");

@@ -560,6 +560,25 @@ fn whole_run_errors_are_reported_once() {
 }
 
 #[test]
+fn prompt_length_error_counts_one_token() {
+    // An empty prompt is OPT's start token alone; 100 new tokens do not fit opt-tiny.
+    let output = blip2(
+        &[
+            "caption",
+            &photo("chelsea.png"),
+            "--model",
+            &model("opt-tiny"),
+            "--max-new-tokens",
+            "100",
+        ],
+        None,
+    );
+    assert!(!output.status.success());
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("the prompt has 1 token;"), "{stderr}");
+}
+
+#[test]
 fn model_given_as_file_is_explained() {
     let models = repo().join("tests/fixtures/models");
     let chelsea = photo("chelsea.png");

@@ -563,3 +563,250 @@ fn safetensors_output_has_npy_permissions() {
         mode("features.pixel_values.npy")
     );
 }
+
+/// Builds an index of `folder` in `index` with the tiny retrieval checkpoint.
+fn build_index(folder: &Path, index: &Path) -> Output {
+    blip2(&[
+        "index",
+        folder.to_str().unwrap(),
+        "-o",
+        index.to_str().unwrap(),
+        "--model",
+        &model("itm-tiny"),
+    ])
+}
+
+#[test]
+fn index_reports_each_unreadable_photo_once() {
+    let temp = tempfile::tempdir().unwrap();
+    let photos = temp.path().join("photos");
+    std::fs::create_dir(&photos).unwrap();
+    copies(&photos, 2);
+    std::fs::write(photos.join("broken.jpg"), b"not a jpeg").unwrap();
+
+    let output = build_index(&photos, &temp.path().join("photos.index"));
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output.stderr));
+    let stderr = text(&output.stderr);
+    assert_eq!(stderr.matches("broken.jpg").count(), 1, "{stderr}");
+    assert!(stderr.contains("error: "), "{stderr}");
+    assert!(!stderr.contains("WARN"), "{stderr}");
+    assert!(stderr.contains("3 photos found"), "{stderr}");
+    assert!(stderr.contains("2 photos in "), "{stderr}");
+
+    let single = temp.path().join("single");
+    std::fs::create_dir(&single).unwrap();
+    copies(&single, 1);
+    let output = build_index(&single, &temp.path().join("single.index"));
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("1 photo found,"), "{stderr}");
+    assert!(stderr.contains("1 photo in "), "{stderr}");
+}
+
+#[test]
+fn rerank_reports_unreadable_photos() {
+    let temp = tempfile::tempdir().unwrap();
+    let photos = temp.path().join("photos");
+    std::fs::create_dir(&photos).unwrap();
+    copies(&photos, 3);
+    let index = temp.path().join("photos.index");
+    let output = build_index(&photos, &index);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    // One photo is damaged and one deleted after indexing.
+    let damaged = photos.join("photo001.jpg");
+    std::fs::write(&damaged, b"not a jpeg any more").unwrap();
+    let deleted = photos.join("photo002.png");
+    std::fs::remove_file(&deleted).unwrap();
+    let index = index.to_str().unwrap();
+    let search = [
+        "search",
+        index,
+        "a cup of coffee",
+        "--top-k",
+        "3",
+        "--rerank",
+    ];
+
+    let output = blip2(&[&search[..], &["--json"][..]].concat());
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output.stderr));
+    let stderr = text(&output.stderr);
+    assert!(!stderr.contains("WARN"), "{stderr}");
+    let lines: Vec<serde_json::Value> = text(&output.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3, "one result and two errors: {lines:?}");
+    assert!(lines[0]["rank"].is_number(), "{}", lines[0]);
+    for path in [&damaged, &deleted] {
+        let path = path.display().to_string();
+        let line = lines
+            .iter()
+            .find(|line| line["path"] == path.as_str() && line.get("rank").is_none())
+            .unwrap_or_else(|| panic!("no error line for {path}: {lines:?}"));
+        assert!(
+            !line["error"].as_str().unwrap_or_default().is_empty(),
+            "{line}"
+        );
+    }
+
+    let output = blip2(&search);
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output.stderr));
+    assert_eq!(text(&output.stdout).lines().count(), 1);
+    let stderr = text(&output.stderr);
+    assert!(!stderr.contains("WARN"), "{stderr}");
+    for name in ["photo001.jpg", "photo002.png"] {
+        assert_eq!(stderr.matches(name).count(), 1, "{stderr}");
+    }
+    assert_eq!(stderr.matches("error: ").count(), 2, "{stderr}");
+}
+
+#[test]
+fn candidates_below_top_k_are_rejected() {
+    let temp = tempfile::tempdir().unwrap();
+    let index = temp.path().to_str().unwrap();
+    for (candidates, top_k) in [("2", "5"), ("0", "10")] {
+        let output = blip2(&[
+            "search",
+            index,
+            "a cat",
+            "--rerank",
+            "--top-k",
+            top_k,
+            "--candidates",
+            candidates,
+        ]);
+        assert!(!output.status.success());
+        let stderr = text(&output.stderr);
+        assert!(
+            stderr.contains(&format!(
+                "--candidates {candidates} is below --top-k {top_k}"
+            )),
+            "{stderr}"
+        );
+    }
+}
+
+#[test]
+fn output_path_errors_say_what_failed() {
+    let temp = tempfile::tempdir().unwrap();
+    let file = temp.path().join("notes.txt");
+    std::fs::write(&file, "a file").unwrap();
+    let photos = temp.path().join("photos");
+    std::fs::create_dir(&photos).unwrap();
+    copies(&photos, 1);
+    let itm = model("itm-tiny");
+
+    let npy = file.join("out.npy");
+    let output = blip2(&[
+        "embed",
+        &repo().join("images/rocket.jpg").display().to_string(),
+        "-o",
+        npy.to_str().unwrap(),
+        "--model",
+        &itm,
+    ]);
+    assert!(!output.status.success());
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("cannot write"), "{stderr}");
+    assert!(!stderr.contains("cannot read"), "{stderr}");
+
+    let output = build_index(&photos, &file);
+    assert!(!output.status.success());
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr.contains("notes.txt is a file, not a photo index directory"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("cannot read"), "{stderr}");
+
+    let output = build_index(&photos, &file.join("photos.index"));
+    assert!(!output.status.success());
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("cannot create"), "{stderr}");
+    assert!(!stderr.contains("cannot read"), "{stderr}");
+
+    let output = blip2(&["search", file.to_str().unwrap(), "a cat"]);
+    assert!(!output.status.success());
+    let stderr = text(&output.stderr);
+    assert!(
+        stderr.contains("notes.txt is a file, not a photo index directory"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("`blip2 index"), "{stderr}");
+}
+
+#[test]
+fn damaged_log_line_names_line_and_fields() {
+    let temp = tempfile::tempdir().unwrap();
+    let photos = temp.path().join("photos");
+    std::fs::create_dir(&photos).unwrap();
+    copies(&photos, 2);
+    let index = temp.path().join("photos.index");
+    let output = build_index(&photos, &index);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let log = index.join("entries.jsonl");
+    let good = std::fs::read_to_string(&log).unwrap();
+    let first = good.lines().next().unwrap();
+
+    let cases = [
+        (
+            r#"{"row": 1, "path": "/photos/a.png", "size": 10}"#,
+            "missing field `modified`",
+        ),
+        (r#"{"photo": "/photos/a.png"}"#, "missing field `row`"),
+        (r#"{"removed": 3}"#, "invalid type"),
+        ("[1, 2]", "not a JSON object"),
+        ("{row", "invalid JSON"),
+    ];
+    for (line, expected) in cases {
+        std::fs::write(&log, format!("{first}\n{line}\n")).unwrap();
+        let output = blip2(&["search", index.to_str().unwrap(), "a cat"]);
+        assert!(!output.status.success(), "{line}");
+        let stderr = text(&output.stderr);
+        assert!(
+            stderr.contains("entries.jsonl: line 2: "),
+            "{line}: {stderr}"
+        );
+        assert!(stderr.contains(expected), "{line}: {stderr}");
+        assert!(
+            stderr.contains(r#"{"row", "path", "size", "modified"}"#),
+            "{line}: {stderr}"
+        );
+        assert!(stderr.contains(r#"{"removed"}"#), "{line}: {stderr}");
+        assert!(!stderr.contains("untagged"), "{line}: {stderr}");
+    }
+}
+
+#[test]
+fn max_pixels_option_limits_images() {
+    let temp = tempfile::tempdir().unwrap();
+    let rocket = repo().join("images/rocket.jpg").display().to_string();
+    let out = temp.path().join("features.safetensors");
+    let embed = |max_pixels: &str| {
+        blip2(&[
+            "embed",
+            &rocket,
+            "-o",
+            out.to_str().unwrap(),
+            "--model",
+            &model("itm-tiny"),
+            "--max-pixels",
+            max_pixels,
+        ])
+    };
+
+    // rocket.jpg is 640x427 = 273,280 pixels.
+    let output = embed("200000");
+    assert!(!output.status.success());
+    let stderr = text(&output.stderr);
+    assert!(stderr.contains("640x427"), "{stderr}");
+    assert!(stderr.contains("limit of 200000 pixels"), "{stderr}");
+    assert!(stderr.contains("--max-pixels"), "{stderr}");
+
+    let output = embed("273280");
+    assert!(output.status.success(), "{}", text(&output.stderr));
+
+    let output = embed("0");
+    assert!(!output.status.success());
+    assert!(text(&output.stderr).contains("--max-pixels"));
+}

@@ -112,5 +112,6 @@ fn serve_rejects_zero_limit() {
         .unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("queue_size must be at least 1"), "{stderr}");
+    assert!(stderr.contains("--queue-size"), "{stderr}");
+    assert!(stderr.contains("0 is not in 1.."), "{stderr}");
 }

@@ -101,12 +101,10 @@ pub fn decode_image_named(
         | ImageFormat::Bmp
         | ImageFormat::Tiff => decode_with_image_crate(bytes, format, input, options)?,
         other => {
-            return Err(ImageError::Unsupported {
+            return Err(ImageError::UnsupportedFormat {
                 input: input.to_string(),
-                format: "image",
-                reason: format!(
-                    "{other:?} files are not decoded; convert the image to PNG or JPEG"
-                ),
+                // The image crate's name for the format, such as `Pnm`, in capitals as acronyms are written.
+                format: format!("{other:?}").to_uppercase(),
             });
         }
     };

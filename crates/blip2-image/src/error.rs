@@ -66,10 +66,23 @@ pub enum ImageError {
         reason: String,
     },
 
+    /// The input is in an image format this crate does not decode.
+    #[error(
+        "{input}: {format} images are not supported; convert the image to JPEG, PNG, WebP, GIF, \
+         BMP or TIFF"
+    )]
+    UnsupportedFormat {
+        /// The path or label of the input.
+        input: String,
+        /// The format the content was recognised as, such as `PNM`.
+        format: String,
+    },
+
     /// The header declares more pixels than [`LoadOptions::max_pixels`](crate::LoadOptions::max_pixels).
     #[error(
         "{input}: the image is {width}x{height} = {} pixels, more than the limit of {limit} pixels; \
-         raise LoadOptions::max_pixels if the file is trusted",
+         if the file is trusted, raise the limit (--max-pixels on the command line, \
+         LoadOptions::max_pixels in the library)",
         u128::from(*width) * u128::from(*height)
     )]
     TooManyPixels {

@@ -194,6 +194,36 @@ fn huge_jpeg_header_is_rejected() {
 }
 
 #[test]
+fn pixel_limit_error_names_both_settings() {
+    let options = LoadOptions {
+        max_pixels: 100,
+        ..LoadOptions::default()
+    };
+    let message = load_image(fixture_dir().join("inputs/rgb.png"), &options)
+        .unwrap_err()
+        .to_string();
+    assert!(message.contains("--max-pixels"), "{message}");
+    assert!(message.contains("LoadOptions::max_pixels"), "{message}");
+}
+
+#[test]
+fn other_format_is_unsupported_format() {
+    // A 1x1 binary PPM: a format the image crate recognises but this crate does not decode.
+    let error = decode_image(b"P6\n1 1\n255\n\x00\x00\x00", &LoadOptions::default()).unwrap_err();
+    assert!(
+        matches!(&error, ImageError::UnsupportedFormat { format, .. } if format == "PNM"),
+        "expected UnsupportedFormat PNM, got {error:?}"
+    );
+    let message = error.to_string();
+    assert!(message.starts_with("<memory>: PNM images"), "{message}");
+    assert!(!message.contains("image image"), "{message}");
+    assert!(
+        message.contains("convert the image to JPEG, PNG"),
+        "{message}"
+    );
+}
+
+#[test]
 fn pixel_limit_is_configurable() {
     let options = LoadOptions {
         max_pixels: 100,

@@ -47,6 +47,24 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// A file or directory could not be created.
+    #[error("cannot create {path}: {source}")]
+    Create {
+        /// The file or directory.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+
+    /// A file could not be written.
+    #[error("cannot write {path}: {source}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+
     /// A JSON file is malformed or a field has the wrong type.
     #[error("invalid {path}: {message}")]
     InvalidJson {
@@ -120,6 +138,16 @@ pub enum Error {
         path: PathBuf,
         /// What is wrong and what to do.
         message: String,
+    },
+
+    /// A file was given where a photo index directory is expected.
+    #[error(
+        "{path} is a file, not a photo index directory; an index is a directory that \
+         `blip2 index FOLDER -o DIR` creates"
+    )]
+    IndexIsFile {
+        /// The file.
+        path: PathBuf,
     },
 
     /// The checkpoint could not be fetched from the Hugging Face hub.

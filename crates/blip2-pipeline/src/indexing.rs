@@ -102,6 +102,17 @@ pub struct SearchResult {
     pub rerank_score: Option<f32>,
 }
 
+/// The results of [`Blip2::search_photos`], and the candidates it left out.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct SearchOutcome {
+    /// The results, best first.
+    pub results: Vec<SearchResult>,
+    /// Re-ranking candidates whose photo could not be read, with the reason. They are left
+    /// out of `results`, which then has fewer entries than asked for when too few
+    /// candidates remain.
+    pub left_out: Vec<(PathBuf, String)>,
+}
+
 /// Bytes sampled from each weight file for the fingerprint.
 const FINGERPRINT_SAMPLES: u64 = 16;
 const FINGERPRINT_SAMPLE_BYTES: usize = 4096;
@@ -240,7 +251,8 @@ impl Blip2 {
                     on_event(IndexEvent::Encoded { path })
                 }
                 Err(error) => {
-                    tracing::warn!(path = %path.display(), %error, "skipping a photo that cannot be indexed");
+                    // Reported to the caller through the event and the report, so not a warning.
+                    tracing::debug!(path = %path.display(), %error, "skipping a photo that cannot be indexed");
                     let flow = on_event(IndexEvent::Skipped {
                         path,
                         error: &error,
@@ -255,10 +267,9 @@ impl Blip2 {
         Ok(report)
     }
 
-    /// Searches `index` for `query`: the `top_k` photos by ITC similarity, or, with
-    /// `rerank_candidates`, that many by ITC re-ranked by the matching head (as the
-    /// original BLIP-2 retrieval evaluation does); photos that can no longer be read are
-    /// left out of the re-ranking with a warning.
+    /// Searches `index` for `query` as [`Blip2::search_photos`] does, reading photos for
+    /// re-ranking with the default [`blip2_image::LoadOptions`]. Photos that can no longer
+    /// be read are left out of the re-ranking with a warning.
     pub fn search(
         &self,
         index: &mut PhotoIndex,
@@ -266,6 +277,35 @@ impl Blip2 {
         top_k: usize,
         rerank_candidates: Option<usize>,
     ) -> Result<Vec<SearchResult>> {
+        let outcome =
+            self.search_photos(index, query, top_k, rerank_candidates, &Default::default())?;
+        for (path, error) in &outcome.left_out {
+            tracing::warn!(path = %path.display(), %error, "cannot re-rank a photo; leaving it out");
+        }
+        Ok(outcome.results)
+    }
+
+    /// Searches `index` for `query`: the `top_k` photos by ITC similarity, or, with
+    /// `rerank_candidates` (at least `top_k`), that many by ITC re-ranked by the matching
+    /// head, as the original BLIP-2 retrieval evaluation does. Re-ranking reads each
+    /// candidate photo again with `load_options`. A photo that can no longer be read is
+    /// left out of the results and listed in [`SearchOutcome::left_out`].
+    pub fn search_photos(
+        &self,
+        index: &mut PhotoIndex,
+        query: &str,
+        top_k: usize,
+        rerank_candidates: Option<usize>,
+        load_options: &blip2_image::LoadOptions,
+    ) -> Result<SearchOutcome> {
+        if let Some(candidates) = rerank_candidates
+            && candidates < top_k
+        {
+            return Err(Error::InvalidRequest(format!(
+                "rerank_candidates is {candidates} but top_k is {top_k}; re-ranking picks the \
+                 top_k results among the candidates, so rerank_candidates must be at least top_k"
+            )));
+        }
         let manifest = self.index_manifest(&index.manifest().model)?;
         index.check_model(&IndexManifest {
             model: self.files().dir.display().to_string(),
@@ -273,22 +313,27 @@ impl Blip2 {
         })?;
         let text = self.text_embeds(&[query])?.squeeze(0)?.to_vec1::<f32>()?;
         let Some(candidates) = rerank_candidates else {
-            return Ok(index
-                .search(&text, top_k)?
-                .into_iter()
-                .map(plain_result)
-                .collect());
+            return Ok(SearchOutcome {
+                results: index
+                    .search(&text, top_k)?
+                    .into_iter()
+                    .map(plain_result)
+                    .collect(),
+                left_out: Vec::new(),
+            });
         };
-        let hits = index.search(&text, candidates.max(top_k))?;
+        let hits = index.search(&text, candidates)?;
         let mut results = Vec::with_capacity(hits.len());
+        let mut left_out = Vec::new();
         for hit in hits {
-            let pixels = blip2_image::load_image(&hit.path, &Default::default())
+            let pixels = blip2_image::load_image(&hit.path, load_options)
                 .map_err(Error::from)
                 .and_then(|image| self.pixel_values(std::slice::from_ref(&image)));
             let pixels = match pixels {
                 Ok(pixels) => pixels,
                 Err(error) => {
-                    tracing::warn!(path = %hit.path.display(), %error, "cannot re-rank a photo; leaving it out");
+                    tracing::debug!(path = %hit.path.display(), %error, "cannot re-rank a photo; leaving it out");
+                    left_out.push((hit.path, error.to_string()));
                     continue;
                 }
             };
@@ -308,7 +353,7 @@ impl Blip2 {
                 .total_cmp(&a.rerank_score.unwrap_or(f32::MIN))
         });
         results.truncate(top_k);
-        Ok(results)
+        Ok(SearchOutcome { results, left_out })
     }
 }
 

@@ -37,7 +37,9 @@ pub use chat::{Answer, Conversation, DEFAULT_QUESTION_TEMPLATE, QuestionTemplate
 pub use checkpoint::CheckpointFiles;
 pub use config::Blip2Config;
 pub use error::{Error, Result};
-pub use indexing::{IndexEvent, IndexReport, PHOTO_EXTENSIONS, SearchResult, find_photos};
+pub use indexing::{
+    IndexEvent, IndexReport, PHOTO_EXTENSIONS, SearchOutcome, SearchResult, find_photos,
+};
 pub use model::{Blip2Model, ImageFeatures, QuantizedStages, RetrievalHeads};
 pub use pipeline::{
     Blip2, Caption, DEFAULT_MAX_NEW_TOKENS, LoadOptions, parse_dtype, parse_quantization,

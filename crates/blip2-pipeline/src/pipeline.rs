@@ -267,8 +267,9 @@ impl Blip2 {
         let needed = queries + prompt_tokens + options.max_new_tokens.saturating_sub(1);
         if needed > limit {
             return Err(Error::InvalidRequest(format!(
-                "the prompt has {prompt_tokens} tokens; with the {queries} image queries and max_new_tokens {} \
+                "the prompt has {}; with the {queries} image queries and max_new_tokens {} \
                  the model would need {needed} positions but has {limit}; shorten the prompt or lower max_new_tokens",
+                counted(prompt_tokens, "token"),
                 options.max_new_tokens
             )));
         }
@@ -386,8 +387,9 @@ impl Blip2 {
         let batch = language_inputs(features)?.dim(0)?;
         if !prompts.is_empty() && prompts.len() != batch {
             return Err(Error::InvalidRequest(format!(
-                "{} prompts for {batch} images",
-                prompts.len()
+                "{} for {}",
+                counted(prompts.len(), "prompt"),
+                counted(batch, "image")
             )));
         }
         let inputs = (0..batch)
@@ -413,8 +415,9 @@ impl Blip2 {
         let batch = language_inputs(features)?.dim(0)?;
         if !prompts.is_empty() && prompts.len() != batch {
             return Err(Error::InvalidRequest(format!(
-                "{} prompts for {batch} images",
-                prompts.len()
+                "{} for {}",
+                counted(prompts.len(), "prompt"),
+                counted(batch, "image")
             )));
         }
         let options = GenerationOptions {
@@ -518,4 +521,13 @@ fn language_inputs(features: &ImageFeatures) -> Result<&Tensor> {
                 .into(),
         )
     })
+}
+
+/// Returns `count` and `noun`, with an `s` unless the count is one: "1 token", "2 tokens".
+fn counted(count: usize, noun: &str) -> String {
+    if count == 1 {
+        format!("{count} {noun}")
+    } else {
+        format!("{count} {noun}s")
+    }
 }

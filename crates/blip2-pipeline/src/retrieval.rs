@@ -58,6 +58,16 @@ pub fn contrastive_similarity(image_embeds: &Tensor, text_embeds: &Tensor) -> Re
     Ok(per_query.reshape((images, queries, texts))?.max(1)?)
 }
 
+/// Quotes `text`, cut after 40 characters: enough to tell which text an error is about
+/// without repeating a long one whole.
+fn quote_start(text: &str) -> String {
+    const SHOWN: usize = 40;
+    match text.char_indices().nth(SHOWN) {
+        Some((end, _)) => format!("{:?}…", &text[..end]),
+        None => format!("{text:?}"),
+    }
+}
+
 impl Blip2 {
     /// Tokenizes texts for the Q-Former (`[CLS] ... [SEP]`), padding on the right.
     pub fn tokenize_texts(&self, texts: &[&str]) -> Result<TextBatch> {
@@ -77,11 +87,17 @@ impl Blip2 {
         let limit = heads.embeddings.max_positions();
         let ids = texts
             .iter()
-            .map(|text| {
+            .enumerate()
+            .map(|(i, text)| {
                 let ids = self.tokenizer().encode(text)?;
                 if ids.len() > limit {
+                    let which = match texts.len() {
+                        1 => "the text".to_owned(),
+                        count => format!("text {} of {count}", i + 1),
+                    };
                     return Err(Error::InvalidRequest(format!(
-                        "the text {text:?} has {} tokens but the Q-Former reads at most {limit}",
+                        "{which} {} has {} tokens, but the Q-Former reads at most {limit}",
+                        quote_start(text),
                         ids.len()
                     )));
                 }

@@ -145,10 +145,12 @@ const MAX_DRAINED_BYTES: usize = 64 * 1024 * 1024;
 
 /// Rejects with `413` a request over the size limit, before its form is read.
 ///
-/// A request whose `Content-Length` is over the limit is rejected at once. A chunked request,
-/// with no length, is read into memory up to the limit. The rest of an oversized body is read
-/// and discarded before the response, so a client that is still sending receives the `413`
-/// instead of a reset connection.
+/// A request whose `Content-Length` is over the limit is rejected without reading its form. A
+/// chunked request, with no length, is read into memory up to the limit. The rest of an
+/// oversized body, up to [`MAX_DRAINED_BYTES`], is read and discarded before the response, so a
+/// client that is still sending receives the `413` instead of a reset connection. A declared
+/// length over that gets the `413` at once, because waiting for such a body could take as long
+/// as the client likes, and most of it would be discarded.
 async fn reject_oversize(
     State(max_upload_bytes): State<usize>,
     request: Request,
@@ -166,7 +168,9 @@ async fn reject_oversize(
                 max_upload_bytes,
                 "rejected an upload over the size limit"
             );
-            drain(request.into_body().into_data_stream()).await;
+            if length <= MAX_DRAINED_BYTES as u64 {
+                drain(request.into_body().into_data_stream()).await;
+            }
             upload_too_large(max_upload_bytes)
         }
         Some(_) => next.run(request).await,
@@ -351,7 +355,7 @@ async fn embed(
         })?;
         let mut form: Form = read_form(multipart, &[], true, &state.0.limits).await?;
         if !form.texts.is_empty() {
-            state.require_retrieval("`text` fields of /api/embed (text embeddings)")?;
+            state.require_retrieval("/api/embed with `text` fields (text embeddings)")?;
         }
         if form.image.is_none() && form.texts.is_empty() {
             return Err(ApiError::invalid_request(

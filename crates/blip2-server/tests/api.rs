@@ -453,6 +453,17 @@ async fn wrong_checkpoint_kind_names_needed_kind() {
         message.contains("needs an image-text retrieval checkpoint"),
         "{message}"
     );
+    let form = Form::new().text("text", "a rocket");
+    let (status, body) = post_json(&captioning, "/api/embed", form).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let message = error_message(&body, "wrong_model_kind");
+    assert!(
+        message.starts_with(
+            "/api/embed with `text` fields (text embeddings) needs an image-text retrieval \
+             checkpoint"
+        ),
+        "{message}"
+    );
     captioning.stop().await;
 }
 

@@ -163,6 +163,64 @@ async fn upload_over_limit_is_413() {
     server.stop().await;
 }
 
+/// Sends the head of a request that declares `length` body bytes, then `body`, and returns
+/// everything the server sends before it closes the connection or `PATIENCE` runs out.
+fn send_partial_request(address: &str, length: u64, body: &[u8]) -> String {
+    use std::io::{Read, Write};
+
+    let mut stream = std::net::TcpStream::connect(address).expect("the server accepts");
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    let head = format!(
+        "POST /api/caption HTTP/1.1\r\nHost: {address}\r\n\
+         Content-Type: multipart/form-data; boundary=limit-test\r\n\
+         Content-Length: {length}\r\n\r\n"
+    );
+    // One write, so the server reads the whole of it: closing a socket with unread data
+    // would reset the connection, and the response could be lost.
+    stream.write_all(&[head.as_bytes(), body].concat()).unwrap();
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_declared_length_gets_413_at_once() {
+    let server = TestServer::start(CAPTIONING, Limits::default()).await;
+    let address = server.base.trim_start_matches("http://").to_owned();
+
+    // The body never arrives, so the server must respond without waiting for it.
+    let started = std::time::Instant::now();
+    let response = tokio::task::spawn_blocking(move || {
+        send_partial_request(&address, 999_999_999, b"--limit-test\r\n")
+    })
+    .await
+    .unwrap();
+    assert!(
+        started.elapsed() < PATIENCE,
+        "no answer within {PATIENCE:?}: {response:?}"
+    );
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no complete response: {response:?}"));
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("connection: close"),
+        "{head}"
+    );
+    let body: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    assert_limit(
+        &body,
+        "upload_too_large",
+        "max_upload_bytes",
+        json!(blip2_server::DEFAULT_MAX_UPLOAD_BYTES),
+    );
+
+    // The server still serves other requests.
+    let (status, body) = post_json(&server, "/api/caption", photo_form("rocket.jpg")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn text_and_decoding_limits_name_the_limit() {
     let limits = Limits {

@@ -85,19 +85,49 @@ impl FileStamp {
     }
 }
 
-/// One line of `entries.jsonl`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// One line of `entries.jsonl`. It is read with [`parse_log_line`], which names the
+/// missing or invalid field, instead of serde's untagged matching, which cannot.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 enum LogLine {
-    Encoded {
-        row: usize,
-        path: PathBuf,
-        size: u64,
-        modified: u64,
-    },
-    Removed {
-        removed: PathBuf,
-    },
+    Encoded(EncodedLine),
+    Removed(RemovedLine),
+}
+
+/// A line of `entries.jsonl` that records a photo encoded into a row.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct EncodedLine {
+    row: usize,
+    path: PathBuf,
+    size: u64,
+    modified: u64,
+}
+
+/// A line of `entries.jsonl` that records a photo that left the collection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct RemovedLine {
+    removed: PathBuf,
+}
+
+/// A description of a valid line of `entries.jsonl`, for error messages.
+const LOG_LINE_FORMAT: &str = "each line is a JSON object, either {\"row\", \"path\", \"size\", \
+     \"modified\"} (a photo encoded into that row of embeddings.npy) or {\"removed\"} (a photo that \
+     left the collection)";
+
+/// Parses one line of `entries.jsonl`. The error names what is wrong and describes a valid
+/// line.
+fn parse_log_line(line: &str) -> std::result::Result<LogLine, String> {
+    let value: serde_json::Value =
+        serde_json::from_str(line).map_err(|e| format!("invalid JSON ({e}); {LOG_LINE_FORMAT}"))?;
+    if !value.is_object() {
+        return Err(format!("{value} is not a JSON object; {LOG_LINE_FORMAT}"));
+    }
+    let parsed = if value.get("removed").is_some() {
+        serde_json::from_value(value).map(LogLine::Removed)
+    } else {
+        serde_json::from_value(value).map(LogLine::Encoded)
+    };
+    parsed.map_err(|e| format!("{e}; {LOG_LINE_FORMAT}"))
 }
 
 /// The current row of a photo.
@@ -140,6 +170,11 @@ impl PhotoIndex {
     /// Opens the index in `dir`, or creates it (and `dir`) with `manifest` if `dir` has
     /// no index. An existing index made with another checkpoint is refused.
     pub fn open_or_create(dir: &Path, manifest: &IndexManifest) -> Result<Self> {
+        if dir.is_file() {
+            return Err(Error::IndexIsFile {
+                path: dir.to_owned(),
+            });
+        }
         if dir.join(MANIFEST_FILE).exists() {
             let index = Self::open(dir)?;
             index.check_model(manifest)?;
@@ -159,13 +194,13 @@ impl PhotoIndex {
                 "the directory is not empty and has no index.json; choose a new index path",
             ));
         }
-        std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+        std::fs::create_dir_all(dir).map_err(|source| Error::Create {
             path: dir.to_owned(),
             source,
         })?;
         let manifest_path = dir.join(MANIFEST_FILE);
         let text = serde_json::to_string_pretty(manifest).expect("the manifest serializes");
-        std::fs::write(&manifest_path, text + "\n").map_err(|source| Error::Io {
+        std::fs::write(&manifest_path, text + "\n").map_err(|source| Error::Write {
             path: manifest_path,
             source,
         })?;
@@ -173,7 +208,7 @@ impl PhotoIndex {
             &dir.join(EMBEDDINGS_FILE),
             &[manifest.num_query_tokens, manifest.embed_dim],
         )?;
-        std::fs::write(dir.join(ENTRIES_FILE), "").map_err(|source| Error::Io {
+        std::fs::write(dir.join(ENTRIES_FILE), "").map_err(|source| Error::Write {
             path: dir.join(ENTRIES_FILE),
             source,
         })?;
@@ -187,6 +222,11 @@ impl PhotoIndex {
 
     /// Opens an existing index, repairing the traces of an interrupted run.
     pub fn open(dir: &Path) -> Result<Self> {
+        if dir.is_file() {
+            return Err(Error::IndexIsFile {
+                path: dir.to_owned(),
+            });
+        }
         let manifest_path = dir.join(MANIFEST_FILE);
         if !manifest_path.is_file() {
             return Err(Error::MissingFile {
@@ -282,7 +322,7 @@ impl PhotoIndex {
 
     fn append_log(&self, line: &LogLine) -> Result<()> {
         let path = self.dir.join(ENTRIES_FILE);
-        let io = |source| Error::Io {
+        let io = |source| Error::Write {
             path: path.clone(),
             source,
         };
@@ -296,12 +336,12 @@ impl PhotoIndex {
     pub fn add(&mut self, path: &Path, stamp: FileStamp, embeddings: &[f32]) -> Result<usize> {
         let row = self.embeddings.rows();
         self.embeddings.append_row(embeddings)?;
-        self.append_log(&LogLine::Encoded {
+        self.append_log(&LogLine::Encoded(EncodedLine {
             row,
             path: path.to_owned(),
             size: stamp.size,
             modified: stamp.modified,
-        })?;
+        }))?;
         self.embeddings.commit_rows()?;
         self.photos.insert(path.to_owned(), Indexed { row, stamp });
         Ok(row)
@@ -310,9 +350,9 @@ impl PhotoIndex {
     /// Records that `path` left the collection.
     pub fn remove(&mut self, path: &Path) -> Result<()> {
         if self.photos.remove(path).is_some() {
-            self.append_log(&LogLine::Removed {
+            self.append_log(&LogLine::Removed(RemovedLine {
                 removed: path.to_owned(),
-            })?;
+            }))?;
         }
         Ok(())
     }
@@ -409,21 +449,24 @@ fn read_log(path: &Path) -> Result<(BTreeMap<PathBuf, Indexed>, usize)> {
             .write(true)
             .open(path)
             .and_then(|f| f.set_len(complete as u64))
-            .map_err(io)?;
+            .map_err(|source| Error::Write {
+                path: path.to_owned(),
+                source,
+            })?;
     }
     let mut photos = BTreeMap::new();
     let mut rows = 0;
     for (number, line) in bytes[..complete].lines().enumerate() {
         let line = line.map_err(io)?;
-        let parsed: LogLine = serde_json::from_str(&line)
-            .map_err(|e| damaged(path, format!("line {}: {e}", number + 1)))?;
+        let parsed = parse_log_line(&line)
+            .map_err(|message| damaged(path, format!("line {}: {message}", number + 1)))?;
         match parsed {
-            LogLine::Encoded {
+            LogLine::Encoded(EncodedLine {
                 row,
                 path: photo,
                 size,
                 modified,
-            } => {
+            }) => {
                 if row != rows {
                     return Err(damaged(
                         path,
@@ -442,7 +485,7 @@ fn read_log(path: &Path) -> Result<(BTreeMap<PathBuf, Indexed>, usize)> {
                     },
                 );
             }
-            LogLine::Removed { removed } => {
+            LogLine::Removed(RemovedLine { removed }) => {
                 photos.remove(&removed);
             }
         }

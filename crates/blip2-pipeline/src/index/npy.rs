@@ -42,7 +42,7 @@ pub fn write_f32_npy(path: &Path, shape: &[usize], values: &[f32]) -> Result<()>
     }
     let mut bytes = header_text(shape[0], &shape[1..]);
     bytes.extend(values.iter().flat_map(|v| v.to_le_bytes()));
-    std::fs::write(path, bytes).map_err(io(path))
+    std::fs::write(path, bytes).map_err(write_error(path))
 }
 
 fn invalid(path: &Path, message: impl Into<String>) -> Error {
@@ -54,6 +54,13 @@ fn invalid(path: &Path, message: impl Into<String>) -> Error {
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
     move |source| Error::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn write_error(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
+    move |source| Error::Write {
         path: path.to_owned(),
         source,
     }
@@ -76,9 +83,13 @@ impl NpyRows {
             .write(true)
             .create_new(true)
             .open(path)
-            .map_err(io(path))?;
-        file.write_all(&header_text(0, inner)).map_err(io(path))?;
-        file.sync_data().map_err(io(path))?;
+            .map_err(|source| Error::Create {
+                path: path.to_owned(),
+                source,
+            })?;
+        file.write_all(&header_text(0, inner))
+            .map_err(write_error(path))?;
+        file.sync_data().map_err(write_error(path))?;
         Ok(Self {
             path: path.to_owned(),
             file,
@@ -150,17 +161,19 @@ impl NpyRows {
             tracing::warn!(path = %path.display(), committed, complete_rows, "repairing an interrupted index update");
             npy.file
                 .set_len(HEADER_BYTES + committed as u64 * row_bytes)
-                .map_err(io(path))?;
+                .map_err(write_error(path))?;
             npy.write_header()?;
         }
         Ok(npy)
     }
 
     fn write_header(&mut self) -> Result<()> {
-        self.file.seek(SeekFrom::Start(0)).map_err(io(&self.path))?;
+        self.file
+            .seek(SeekFrom::Start(0))
+            .map_err(write_error(&self.path))?;
         self.file
             .write_all(&header_text(self.rows, &self.inner))
-            .map_err(io(&self.path))?;
+            .map_err(write_error(&self.path))?;
         Ok(())
     }
 
@@ -188,13 +201,15 @@ impl NpyRows {
             ));
         }
         let offset = HEADER_BYTES + (self.rows * self.row_len() * 4) as u64;
-        self.file.set_len(offset).map_err(io(&self.path))?;
+        self.file.set_len(offset).map_err(write_error(&self.path))?;
         self.file
             .seek(SeekFrom::Start(offset))
-            .map_err(io(&self.path))?;
+            .map_err(write_error(&self.path))?;
         let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        self.file.write_all(&bytes).map_err(io(&self.path))?;
-        self.file.sync_data().map_err(io(&self.path))?;
+        self.file
+            .write_all(&bytes)
+            .map_err(write_error(&self.path))?;
+        self.file.sync_data().map_err(write_error(&self.path))?;
         self.rows += 1;
         Ok(())
     }
@@ -202,7 +217,7 @@ impl NpyRows {
     /// Rewrites the header with the current row count.
     pub fn commit_rows(&mut self) -> Result<()> {
         self.write_header()?;
-        self.file.sync_data().map_err(io(&self.path))
+        self.file.sync_data().map_err(write_error(&self.path))
     }
 
     /// Reads rows `start..start + count` (row-major `f32`).
