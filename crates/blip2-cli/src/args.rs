@@ -27,13 +27,6 @@ pub struct ModelArgs {
     #[arg(long)]
     pub threads: Option<usize>,
 
-    /// Quantize the language model's fully connected layers to 8 or 4 bits: `q8` or `q4`
-    /// quantizes when loading; a file path reads the layers `blip2 quantize` saved
-    /// (faster decoding, about a quarter or an eighth of the memory; see the README for
-    /// the measured quality cost).
-    #[arg(long, value_name = "q8|q4|FILE")]
-    pub quantize: Option<String>,
-
     /// Drop the vision encoder's f32 weights from memory layer by layer as it runs, and
     /// the Q-Former's after each image, so that peak memory is about the language
     /// model's size alone. Each image reads them back from the file cache.
@@ -45,6 +38,17 @@ pub struct ModelArgs {
     /// VNNI; the image features change slightly (the README gives the measured cost).
     #[arg(long)]
     pub vision_int8: bool,
+}
+
+/// How to load the language model, for the commands that generate text.
+#[derive(Debug, Default, Args)]
+pub struct LanguageModelArgs {
+    /// Quantize the language model's fully connected layers to 8 or 4 bits: `q8` or `q4`
+    /// quantizes when loading; a file path reads the layers `blip2 quantize` saved
+    /// (faster decoding, about a quarter or an eighth of the memory; see the README for
+    /// the measured quality cost).
+    #[arg(long, value_name = "q8|q4|FILE")]
+    pub quantize: Option<String>,
 
     /// Give the language model a second copy of its weights in 8 bits per row for
     /// prompts, whose inputs are then quantized per token. Prompts run faster on CPUs
@@ -62,16 +66,21 @@ impl ModelArgs {
 
     /// Sets the thread count and loads `--model`, or `default` without it.
     pub fn load(&self, default: &str) -> anyhow::Result<Blip2> {
+        self.load_with(&LanguageModelArgs::default(), default)
+    }
+
+    /// Like [`ModelArgs::load`], with the language model loaded as `language` says.
+    pub fn load_with(&self, language: &LanguageModelArgs, default: &str) -> anyhow::Result<Blip2> {
         let model = self.name(default);
         set_threads(self.threads)?;
         let mut options = LoadOptions {
             dtype: parse_dtype(&self.dtype)?,
             low_memory: self.low_memory,
             vision_int8: self.vision_int8,
-            prompt_int8: self.prompt_int8,
+            prompt_int8: language.prompt_int8,
             ..LoadOptions::default()
         };
-        match self.quantize.as_deref() {
+        match language.quantize.as_deref() {
             Some(name @ ("q8" | "q4")) => options.quantize = Some(parse_quantization(name)?),
             Some(path) => {
                 let file = PathBuf::from(path);

@@ -7,7 +7,7 @@ use blip2_pipeline::Conversation;
 use clap::Args;
 use serde::Serialize;
 
-use crate::args::{DecodingArgs, ImageArgs, ModelArgs, QuestionArgs};
+use crate::args::{DecodingArgs, ImageArgs, LanguageModelArgs, ModelArgs, QuestionArgs};
 use crate::output::{Pieces, out};
 
 /// Arguments of `blip2 ask`.
@@ -29,6 +29,9 @@ pub struct AskArgs {
 
     #[command(flatten)]
     pub model: ModelArgs,
+
+    #[command(flatten)]
+    pub language: LanguageModelArgs,
 
     #[command(flatten)]
     pub decoding: DecodingArgs,
@@ -53,7 +56,9 @@ pub struct JsonAnswer<'a> {
 /// Runs `blip2 ask`.
 pub fn run(args: AskArgs) -> anyhow::Result<ExitCode> {
     let image = args.image_args.load(&args.image)?;
-    let blip2 = args.model.load(crate::args::DEFAULT_CAPTION_MODEL)?;
+    let blip2 = args
+        .model
+        .load_with(&args.language, crate::args::DEFAULT_CAPTION_MODEL)?;
     let options = args.decoding.options(&blip2)?;
     let mut conversation = Conversation::new(&blip2, &image)?;
     conversation.set_template(args.question_args.template()?);

@@ -7,7 +7,7 @@ use blip2_pipeline::{Blip2, Caption, GenerationOptions};
 use clap::Args;
 use serde::Serialize;
 
-use crate::args::{DecodingArgs, ImageArgs, ModelArgs};
+use crate::args::{DecodingArgs, ImageArgs, LanguageModelArgs, ModelArgs};
 use crate::output::{OutputError, out};
 
 /// Arguments of `blip2 caption`.
@@ -32,6 +32,9 @@ pub struct CaptionArgs {
 
     #[command(flatten)]
     pub model: ModelArgs,
+
+    #[command(flatten)]
+    pub language: LanguageModelArgs,
 
     #[command(flatten)]
     pub decoding: DecodingArgs,
@@ -173,7 +176,9 @@ pub fn run(args: CaptionArgs) -> anyhow::Result<ExitCode> {
          --prompt out for a plain caption",
         args.prompt
     );
-    let blip2 = args.model.load(crate::args::DEFAULT_CAPTION_MODEL)?;
+    let blip2 = args
+        .model
+        .load_with(&args.language, crate::args::DEFAULT_CAPTION_MODEL)?;
     let options = args.decoding.options(&blip2)?;
     // Checked once here: a checkpoint without a language model, or a prompt and
     // --max-new-tokens that do not fit its positions, would fail every image alike.

@@ -8,7 +8,7 @@ use anyhow::Context;
 use blip2_pipeline::Conversation;
 use clap::Args;
 
-use crate::args::{DecodingArgs, ImageArgs, ModelArgs, QuestionArgs};
+use crate::args::{DecodingArgs, ImageArgs, LanguageModelArgs, ModelArgs, QuestionArgs};
 use crate::ask::JsonAnswer;
 use crate::output::{OutputError, Pieces, out};
 
@@ -33,6 +33,9 @@ pub struct ChatArgs {
     pub model: ModelArgs,
 
     #[command(flatten)]
+    pub language: LanguageModelArgs,
+
+    #[command(flatten)]
     pub decoding: DecodingArgs,
 
     #[command(flatten)]
@@ -42,7 +45,9 @@ pub struct ChatArgs {
 /// Runs `blip2 chat` until `/quit` or the end of standard input.
 pub fn run(args: ChatArgs) -> anyhow::Result<ExitCode> {
     let image = args.image_args.load(&args.image)?;
-    let blip2 = args.model.load(crate::args::DEFAULT_CAPTION_MODEL)?;
+    let blip2 = args
+        .model
+        .load_with(&args.language, crate::args::DEFAULT_CAPTION_MODEL)?;
     let options = args.decoding.options(&blip2)?;
     let template = args.question_args.template()?;
     // When not even the template around an empty question fits with --max-new-tokens, no

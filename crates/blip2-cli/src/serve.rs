@@ -9,7 +9,7 @@ use anyhow::Context;
 use blip2_server::{Limits, Server, ServerConfig};
 use clap::Args;
 
-use crate::args::ModelArgs;
+use crate::args::{LanguageModelArgs, ModelArgs};
 
 /// Arguments of `blip2 serve`.
 #[derive(Debug, Args)]
@@ -75,6 +75,9 @@ pub struct ServeArgs {
 
     #[command(flatten)]
     pub model: ModelArgs,
+
+    #[command(flatten)]
+    pub language: LanguageModelArgs,
 }
 
 /// Parses a limit, which must let at least one request through.
@@ -121,7 +124,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .to_owned();
     // Loaded before the runtime starts, because loading sets the thread count through an
     // environment variable, which is only sound while no other thread runs.
-    let blip2 = Arc::new(args.model.load(crate::args::DEFAULT_CAPTION_MODEL)?);
+    let blip2 = Arc::new(
+        args.model
+            .load_with(&args.language, crate::args::DEFAULT_CAPTION_MODEL)?,
+    );
     let config = ServerConfig {
         addr,
         limits: args.limits(),

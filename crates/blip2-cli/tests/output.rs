@@ -145,7 +145,12 @@ fn classify_counts_unreadable_images() {
 
 #[test]
 fn flags_are_checked_before_loading() {
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 5] = [
+        // Scoring commands have no language model to quantize.
+        (
+            &["match", "x.png", "a cat", "--quantize", "q8"],
+            "--quantize",
+        ),
         (&["serve", "--max-upload-bytes", "0"], "--max-upload-bytes"),
         (
             &["serve", "--request-timeout-secs", "0"],
