@@ -69,7 +69,7 @@ impl ModelArgs {
         self.load_with(&LanguageModelArgs::default(), default)
     }
 
-    /// Like [`ModelArgs::load`], with the language model loaded as `language` says.
+    /// Like [`ModelArgs::load`], with the language model options in `language`.
     pub fn load_with(&self, language: &LanguageModelArgs, default: &str) -> anyhow::Result<Blip2> {
         let model = self.name(default);
         set_threads(self.threads)?;
