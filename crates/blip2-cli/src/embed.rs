@@ -18,7 +18,7 @@ vision_last_hidden_state [n, tokens, width]; qformer_last_hidden_state [n, queri
 retrieval checkpoint also image_embeds [n, queries, dim] (normalised) and, for --text, text_embeds \
 [texts, dim] (normalised). A .safetensors file holds them all, with the image paths and texts in its \
 metadata; a .npy path writes one NPY file per tensor next to it (features.npy -> \
-features.pixel_values.npy, ...)."
+features.pixel_values.npy, ...) and features.inputs.json with the image paths and texts."
 )]
 pub struct EmbedArgs {
     /// Image files.
@@ -146,6 +146,13 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<ExitCode> {
                 blip2_pipeline::index::write_f32_npy(&path, tensor.dims(), &values)?;
                 eprintln!("wrote {}", path.display());
             }
+            // NPY files carry no metadata, so the images and texts behind the rows (the
+            // safetensors output's metadata) go to a file of their own.
+            let path = PathBuf::from(format!("{}.inputs.json", stem.display()));
+            let inputs = serde_json::json!({ "images": embedded, "texts": texts });
+            std::fs::write(&path, format!("{inputs}\n"))
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            eprintln!("wrote {}", path.display());
         }
     }
     Ok(if failures > 0 {

@@ -166,3 +166,28 @@ fn flags_are_checked_before_loading() {
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
     }
 }
+
+#[test]
+fn npy_outputs_list_their_rows() {
+    let temp = tempfile::tempdir().unwrap();
+    let broken = temp.path().join("broken.png");
+    std::fs::write(&broken, b"not a png").unwrap();
+    let rocket = photo("rocket.jpg");
+    let out = temp.path().join("features.npy");
+    let output = run(&[
+        "embed",
+        broken.to_str().unwrap(),
+        &rocket,
+        "--text",
+        "a rocket",
+        "-o",
+        out.to_str().unwrap(),
+        "--model",
+        &fixture("itm-tiny"),
+    ]);
+    assert!(!output.status.success(), "the broken photo is reported");
+    let inputs = std::fs::read_to_string(temp.path().join("features.inputs.json")).unwrap();
+    let inputs: serde_json::Value = serde_json::from_str(&inputs).unwrap();
+    assert_eq!(inputs["images"], serde_json::json!([rocket]));
+    assert_eq!(inputs["texts"], serde_json::json!(["a rocket"]));
+}
