@@ -238,3 +238,26 @@ fn int8_vision_and_prompts_stay_close() {
         );
     }
 }
+
+#[test]
+fn stray_scales_of_a_dense_layer_are_rejected() {
+    // opt-proj-sharded keeps every layer dense (no input width is a multiple of 32), so a
+    // file with scales for one of its layers, and no codes, contains a tensor of no layer.
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.safetensors");
+    load("opt-tiny", quantized(QuantKind::Q8))
+        .save_quantized_language_model(&good)
+        .unwrap();
+    let bytes = std::fs::read(&good).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let scales = vec![0u8; 4];
+    let name = "model.decoder.layers.0.fc1.scales";
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1, 1], &scales).unwrap();
+    let stray = dir.path().join("stray.safetensors");
+    safetensors::serialize_to_file([(name, view)], header.metadata().clone(), &stray).unwrap();
+
+    let error = load_error("opt-proj-sharded", stray);
+    assert!(error.contains(name), "{error}");
+    assert!(error.contains("belongs to no layer"), "{error}");
+}

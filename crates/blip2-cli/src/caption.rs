@@ -207,10 +207,16 @@ pub fn run(args: CaptionArgs) -> anyhow::Result<ExitCode> {
         for (path, result) in chunk.iter().zip(&results) {
             failures += usize::from(result.is_err());
             let print = || print_result(path, result, args.json, several);
-            match &progress {
-                Some(bar) => bar.suspend(print)?,
-                None => print()?,
+            let printed = match &progress {
+                Some(bar) => bar.suspend(print),
+                None => print(),
+            };
+            if printed.is_err()
+                && let Some(bar) = &progress
+            {
+                bar.finish_and_clear();
             }
+            printed?;
         }
         if let Some(bar) = &progress {
             bar.inc(chunk.len() as u64);

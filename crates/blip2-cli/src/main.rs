@@ -85,7 +85,9 @@ fn main() -> std::process::ExitCode {
     };
     match result {
         Ok(code) => code,
-        Err(error) if output::is_closed_pipe(&error) => std::process::ExitCode::SUCCESS,
+        // No message, and the status a process ended by SIGPIPE gets, as with other tools,
+        // because the items after the last one written were not processed.
+        Err(error) if output::is_closed_pipe(&error) => std::process::ExitCode::from(141),
         Err(error) => {
             eprintln!("error: {}", error_message(&error));
             std::process::ExitCode::FAILURE

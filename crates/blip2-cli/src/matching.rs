@@ -116,9 +116,10 @@ pub fn run_match(args: MatchArgs) -> anyhow::Result<ExitCode> {
     let mut errors: Vec<Option<String>> = (args.texts.iter().enumerate())
         .map(|(i, text)| empty_text_error(i + 1, text))
         .collect();
+    // Read first, so that a bad image is reported even when no text is left to score.
+    let image = args.image_args.load(&args.image)?;
     let mut scores = Vec::new();
     if errors.iter().any(Option::is_none) {
-        let image = args.image_args.load(&args.image)?;
         let blip2 = args.model.load(DEFAULT_RETRIEVAL_MODEL)?;
         // Checked one by one, so that a text too long for the Q-Former is reported by its
         // position and the others are still scored. A checkpoint without matching heads

@@ -57,7 +57,8 @@ impl Pieces {
 }
 
 /// Returns whether `error` is a write to a pipe whose reader has gone, as when the output
-/// goes through `head`. The command then stops quietly, as other command-line tools do.
+/// goes through `head`. The command then stops without a message, as other command-line
+/// tools do.
 pub fn is_closed_pipe(error: &anyhow::Error) -> bool {
     error
         .downcast_ref::<OutputError>()

@@ -1,5 +1,5 @@
 //! Where results go and how a run ends when they cannot be written: a full disk is an
-//! error, a closed pipe stops quietly. Also the per-item reports of `match` and
+//! error, a closed pipe stops without a message. Also the per-item reports of `match` and
 //! `classify`, and flags refused before anything loads.
 
 use std::path::PathBuf;
@@ -69,7 +69,7 @@ fn results_that_cannot_be_written_are_errors() {
 }
 
 #[test]
-fn closed_pipe_stops_quietly() {
+fn closed_pipe_stops_without_message() {
     let mut child = command(&[
         "caption",
         &photo("chelsea.png"),
@@ -83,7 +83,9 @@ fn closed_pipe_stops_quietly() {
     drop(child.stdout.take());
     let output = child.wait_with_output().unwrap();
     let stderr = text(&output.stderr);
-    assert!(output.status.success(), "{stderr}");
+    // The status a process ended by SIGPIPE gets from a shell: a pipeline with `pipefail`
+    // still sees that not every item was processed.
+    assert_eq!(output.status.code(), Some(141), "{stderr}");
     assert!(!stderr.contains("error"), "{stderr}");
 }
 
@@ -190,4 +192,12 @@ fn npy_outputs_list_their_rows() {
     let inputs: serde_json::Value = serde_json::from_str(&inputs).unwrap();
     assert_eq!(inputs["images"], serde_json::json!([rocket]));
     assert_eq!(inputs["texts"], serde_json::json!(["a rocket"]));
+}
+
+#[test]
+fn match_reads_the_image_even_without_texts_to_score() {
+    let output = run(&["match", "missing.png", " ", "--model", &fixture("itm-tiny")]);
+    let stderr = text(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("missing.png"), "{stderr}");
 }

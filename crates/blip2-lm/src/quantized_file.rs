@@ -101,8 +101,12 @@ where
     I: IntoIterator<Item = (S, V)>,
 {
     safetensors::serialize_to_file(tensors, metadata, path)?;
+    // The file is complete at this point, so permissions that cannot be set are a warning,
+    // not a failed write.
     #[cfg(unix)]
-    set_new_file_permissions(path)?;
+    if let Err(error) = set_new_file_permissions(path) {
+        tracing::warn!(path = %path.display(), %error, "cannot give the file the usual permissions; it stays readable by its owner only");
+    }
     Ok(())
 }
 
@@ -117,10 +121,10 @@ fn set_new_file_permissions(path: &Path) -> std::io::Result<()> {
         .write(true)
         .create_new(true)
         .open(&probe)?;
-    let permissions = file.metadata()?.permissions();
+    let permissions = file.metadata().map(|metadata| metadata.permissions());
     drop(file);
     std::fs::remove_file(&probe)?;
-    std::fs::set_permissions(path, permissions)
+    std::fs::set_permissions(path, permissions?)
 }
 
 /// Replaces the layers of `model` with the quantized ones saved in `path`. Every layer
@@ -158,7 +162,9 @@ pub fn load_quantized(model: &mut dyn LanguageModel, path: &Path) -> Result<Quan
         report.bytes_before += linear.weight_bytes();
         let (rows, cols) = (linear.out_features(), linear.in_features());
         let in_file = unused.remove(&format!("{name}.codes"));
-        unused.remove(&format!("{name}.scales"));
+        if in_file {
+            unused.remove(&format!("{name}.scales"));
+        }
         match (in_file, cols.is_multiple_of(BLOCK)) {
             (true, true) => {}
             (false, false) => {
