@@ -43,10 +43,10 @@ pub struct ModelArgs {
 /// How to load the language model, for the commands that generate text.
 #[derive(Debug, Default, Args)]
 pub struct LanguageModelArgs {
-    /// Quantize the language model's fully connected layers to 8 or 4 bits: `q8` or `q4`
-    /// quantizes when loading; a file path reads the layers `blip2 quantize` saved
-    /// (faster decoding, about a quarter or an eighth of the memory; see the README for
-    /// the measured quality cost).
+    /// Quantize the language model's fully connected layers to 8 or 4 bits. `q8` or `q4`
+    /// quantizes when loading, and a file path reads the layers `blip2 quantize` saved.
+    /// Decoding gets faster and the layers take about a quarter or an eighth of the
+    /// memory. The README gives the measured quality cost.
     #[arg(long, value_name = "q8|q4|FILE")]
     pub quantize: Option<String>,
 

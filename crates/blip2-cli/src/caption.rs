@@ -8,7 +8,7 @@ use clap::Args;
 use serde::Serialize;
 
 use crate::args::{DecodingArgs, ImageArgs, LanguageModelArgs, ModelArgs};
-use crate::output::{OutputError, out};
+use crate::output::{OutputError, batch_status, out};
 
 /// Arguments of `blip2 caption`.
 #[derive(Debug, Args)]
@@ -225,12 +225,10 @@ pub fn run(args: CaptionArgs) -> anyhow::Result<ExitCode> {
     if let Some(bar) = progress {
         bar.finish_and_clear();
     }
-    if failures > 0 {
-        eprintln!(
-            "{failures} of {} images could not be captioned",
-            args.images.len()
-        );
-        return Ok(ExitCode::FAILURE);
-    }
-    Ok(ExitCode::SUCCESS)
+    Ok(batch_status(
+        failures,
+        args.images.len(),
+        "images",
+        "captioned",
+    ))
 }

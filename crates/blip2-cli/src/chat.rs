@@ -87,8 +87,8 @@ pub fn run(args: ChatArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Answers one question. An error of the model is reported and the conversation goes
-/// on; one writing the answer ends it.
+/// Generates the reply to one question and prints it. A model error is reported and the
+/// conversation goes on. A failed write to standard output ends it.
 fn ask_one(
     conversation: &mut Conversation<'_>,
     question: &str,

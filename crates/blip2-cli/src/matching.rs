@@ -8,7 +8,7 @@ use clap::Args;
 use serde::Serialize;
 
 use crate::args::{DEFAULT_RETRIEVAL_MODEL, ImageArgs, ModelArgs};
-use crate::output::{OutputError, out};
+use crate::output::{OutputError, batch_status, out};
 
 /// Arguments of `blip2 match`.
 #[derive(Debug, Args)]
@@ -163,14 +163,7 @@ pub fn run_match(args: MatchArgs) -> anyhow::Result<ExitCode> {
     for error in errors.iter().flatten() {
         eprintln!("error: {error}");
     }
-    if failures > 0 {
-        eprintln!(
-            "{failures} of {} texts could not be scored",
-            args.texts.len()
-        );
-        return Ok(ExitCode::FAILURE);
-    }
-    Ok(ExitCode::SUCCESS)
+    Ok(batch_status(failures, args.texts.len(), "texts", "scored"))
 }
 
 /// Splits and checks the label list.
@@ -238,14 +231,12 @@ pub fn run_classify(args: ClassifyArgs) -> anyhow::Result<ExitCode> {
             print_table(&scores)?;
         }
     }
-    if failures > 0 {
-        eprintln!(
-            "{failures} of {} images could not be classified",
-            args.images.len()
-        );
-        return Ok(ExitCode::FAILURE);
-    }
-    Ok(ExitCode::SUCCESS)
+    Ok(batch_status(
+        failures,
+        args.images.len(),
+        "images",
+        "classified",
+    ))
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 //! [`out!`] instead, which turns a failed write into the command's error.
 
 use std::io::Write;
+use std::process::ExitCode;
 
 /// The error of a failed write to standard output.
 #[derive(Debug)]
@@ -75,3 +76,18 @@ macro_rules! out {
     };
 }
 pub(crate) use out;
+
+/// Returns "s" unless `count` is one, for "1 photo" and "2 photos".
+pub fn plural(count: usize) -> &'static str {
+    if count == 1 { "" } else { "s" }
+}
+
+/// Returns the exit status of a batch: on failures, after the line "`failures` of `total`
+/// `items` could not be `done`" on standard error.
+pub fn batch_status(failures: usize, total: usize, items: &str, done: &str) -> ExitCode {
+    if failures == 0 {
+        return ExitCode::SUCCESS;
+    }
+    eprintln!("{failures} of {total} {items} could not be {done}");
+    ExitCode::FAILURE
+}

@@ -9,7 +9,7 @@ use blip2_pipeline::index::PhotoIndex;
 use clap::Args;
 
 use crate::args::{DEFAULT_RETRIEVAL_MODEL, ImageArgs, ModelArgs};
-use crate::output::out;
+use crate::output::{out, plural};
 
 /// Arguments of `blip2 index`.
 #[derive(Debug, Args)]
@@ -74,15 +74,6 @@ pub struct SearchArgs {
     pub image_args: ImageArgs,
 }
 
-/// Returns `count` and `noun`, with an `s` unless the count is one: "1 photo", "2 photos".
-fn counted(count: usize, noun: &str) -> String {
-    if count == 1 {
-        format!("{count} {noun}")
-    } else {
-        format!("{count} {noun}s")
-    }
-}
-
 /// Returns the message of an error about the photo at `path`, with the path in front unless
 /// the message names it already, as image errors do.
 fn photo_error(path: &Path, error: &str) -> String {
@@ -106,7 +97,10 @@ pub fn run_index(args: IndexArgs) -> anyhow::Result<ExitCode> {
         match event {
             IndexEvent::Planned { found, to_encode } => {
                 total = to_encode;
-                eprintln!("{} found, {to_encode} to encode", counted(found, "photo"));
+                eprintln!(
+                    "{found} photo{} found, {to_encode} to encode",
+                    plural(found)
+                );
                 if interactive {
                     let progress = indicatif::ProgressBar::new(to_encode as u64);
                     progress.set_style(
@@ -153,8 +147,9 @@ pub fn run_index(args: IndexArgs) -> anyhow::Result<ExitCode> {
         progress.finish_and_clear();
     }
     eprintln!(
-        "{} in {}: {} encoded, {} unchanged, {} removed, {} skipped",
-        counted(report.indexed, "photo"),
+        "{} photo{} in {}: {} encoded, {} unchanged, {} removed, {} skipped",
+        report.indexed,
+        plural(report.indexed),
         args.output.display(),
         report.encoded,
         report.unchanged,

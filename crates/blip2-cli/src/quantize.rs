@@ -9,7 +9,7 @@ use blip2_pipeline::{Blip2, LoadOptions, parse_quantization};
 use clap::Args;
 
 use crate::args::{DEFAULT_CAPTION_MODEL, ImageArgs, set_threads};
-use crate::output::out;
+use crate::output::{out, plural};
 
 #[derive(Debug, Args)]
 pub struct QuantizeArgs {
@@ -197,10 +197,6 @@ fn check_output(output: &Path, images: &[PathBuf]) -> anyhow::Result<()> {
          another name (this command replaces only its own earlier output)"
     );
     Ok(())
-}
-
-fn plural(count: usize) -> &'static str {
-    if count == 1 { "" } else { "s" }
 }
 
 /// `bytes` in the largest unit that keeps the number at least 1.

@@ -84,7 +84,7 @@ fn closed_pipe_stops_without_message() {
     let output = child.wait_with_output().unwrap();
     let stderr = text(&output.stderr);
     // The status a process ended by SIGPIPE gets from a shell: a pipeline with `pipefail`
-    // still sees that not every item was processed.
+    // still reports that not every item was processed.
     assert_eq!(output.status.code(), Some(141), "{stderr}");
     assert!(!stderr.contains("error"), "{stderr}");
 }
@@ -195,7 +195,7 @@ fn npy_outputs_list_their_rows() {
 }
 
 #[test]
-fn match_reads_the_image_even_without_texts_to_score() {
+fn match_reads_image_without_texts() {
     let output = run(&["match", "missing.png", " ", "--model", &fixture("itm-tiny")]);
     let stderr = text(&output.stderr);
     assert!(!output.status.success(), "{stderr}");

@@ -91,12 +91,12 @@ impl Blip2 {
             .map(|(i, text)| {
                 let ids = self.tokenizer().encode(text)?;
                 if ids.len() > limit {
-                    let which = match texts.len() {
+                    let text_label = match texts.len() {
                         1 => "the text".to_owned(),
                         count => format!("text {} of {count}", i + 1),
                     };
                     return Err(Error::InvalidRequest(format!(
-                        "{which} {} has {} tokens, but the Q-Former reads at most {limit}",
+                        "{text_label} {} has {} tokens, but the Q-Former reads at most {limit}",
                         quote_start(text),
                         ids.len()
                     )));
