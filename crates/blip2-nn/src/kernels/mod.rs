@@ -315,15 +315,12 @@ unsafe fn dot_f32_avx512(a: &[f32], b: &[f32]) -> f32 {
 const DOT_ROWS: usize = 4;
 
 /// Distance in values (2 KiB) at which [`dots_f32_avx512`] prefetches each weight row ahead
-/// of its reads. On a 2-core Xeon, prefetching into the first-level cache made decoding
-/// about 4 % faster than the hardware prefetcher alone. That was measured in alternating
-/// runs of 12-token captions on the full-size OPT-2.7B shape, where a distance of 1 or 4 KiB
-/// gained less. On a 2-core AMD Zen 4, in a loop over 16 OPT-2.7B layers' products (5 GB,
-/// alternating in one process), the same prefetch read 9–16 % more slowly than none, and
-/// prefetching into the second-level cache read 4–13 % faster than none. In three
-/// alternating pairs of 20-token f32 captions there, decoding took 0.25–0.33 s per token
-/// with the second-level hint and 0.34–0.37 s with the first-level one. The second-level
-/// hint was not measured on the Xeon.
+/// of its reads. On a 2-core Xeon, prefetching into the first-level cache made 12-token
+/// captions on the full-size OPT-2.7B shape decode about 4 % faster than no prefetch, and 1
+/// or 4 KiB gained less. On a 2-core Zen 4, over 16 OPT-2.7B layers' products in one
+/// process, that hint read 9–16 % more slowly than none. The second-level hint read 4–13 %
+/// faster than none there. In three alternating pairs of 20-token f32 captions, it took
+/// decoding from 0.34–0.37 s to 0.25–0.33 s per token. It was not measured on the Xeon.
 const DOT_PREFETCH_FLOATS: usize = 512;
 
 /// Writes to `out` the dot products of `R` consecutive rows of `w` (`R × x.len()`
@@ -490,5 +487,34 @@ pub(crate) mod tests {
         let portable = dot_f32_portable(&a, &b);
         let chosen = dot_f32(&a, &b, cpu_features());
         assert!((portable - chosen).abs() < 1e-4, "{portable} vs {chosen}");
+    }
+
+    /// Runs the decoding dots with both prefetch hints, so that the hint this processor
+    /// does not choose is run too. A hint changes no result.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn dots_agree_for_both_prefetch_hints() {
+        use std::arch::x86_64::{_MM_HINT_T0, _MM_HINT_T1};
+        if !cpu_features().avx512 {
+            return;
+        }
+        let k = 1037;
+        let w = pseudo_random(DOT_ROWS * k, 5);
+        let x = pseudo_random(k, 6);
+        let mut first_level = [0f32; DOT_ROWS];
+        let mut second_level = [0f32; DOT_ROWS];
+        // SAFETY: the processor has AVX-512 F, checked above.
+        unsafe {
+            dots_f32_avx512::<DOT_ROWS, _MM_HINT_T0>(&w, &x, &mut first_level);
+            dots_f32_avx512::<DOT_ROWS, _MM_HINT_T1>(&w, &x, &mut second_level);
+        }
+        assert_eq!(first_level, second_level);
+        for (r, &got) in first_level.iter().enumerate() {
+            let expected = dot_f32_portable(&w[r * k..(r + 1) * k], &x);
+            assert!(
+                (got - expected).abs() < 1e-4,
+                "row {r}: {got} vs {expected}"
+            );
+        }
     }
 }
